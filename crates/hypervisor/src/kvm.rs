@@ -1,0 +1,155 @@
+//! Opening KVM and checking that it can run a vmon guest.
+
+use std::fs::OpenOptions;
+use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::path::PathBuf;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm};
+
+/// The only KVM API version there has ever been; anything else is not KVM.
+const KVM_API_VERSION: i32 = 12;
+
+/// Capabilities without which vmon cannot run a guest, with what each is for.
+const REQUIRED_CAPABILITIES: &[(Cap, &str)] = &[
+    (Cap::UserMemory, "guest memory from host mappings"),
+    (Cap::SetTssAddr, "the real-mode TSS"),
+    (Cap::Irqchip, "the in-kernel interrupt controllers"),
+    (Cap::Pit2, "the in-kernel timer"),
+    (Cap::Irqfd, "device interrupts through eventfds"),
+    (Cap::Ioeventfd, "device notifications through eventfds"),
+    (Cap::ExtCpuid, "the guest CPU profile"),
+    (Cap::MpState, "SMP bring-up"),
+    (Cap::ImmediateExit, "stopping vCPUs promptly"),
+    (Cap::AdjustClock, "the guest clock"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("KVM is not available: {path} does not exist; enable VT-x/AMD-V in the firmware and load the module (modprobe kvm_intel or modprobe kvm_amd)")]
+    Missing { path: PathBuf },
+    #[error("KVM is not usable: permission denied on {path}; add your user to the 'kvm' group (sudo usermod -aG kvm $USER, then log in again) or run as root")]
+    PermissionDenied { path: PathBuf },
+    #[error("KVM is not usable: cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("KVM is not usable: {path} is not KVM (API version {version}, expected {KVM_API_VERSION})")]
+    ApiVersion { path: PathBuf, version: i32 },
+    #[error("KVM is not usable: it lacks {name} ({purpose}); vmon needs a Linux 5.x or newer host kernel")]
+    MissingCapability { name: String, purpose: &'static str },
+    #[error("KVM is not usable: {what} failed: {source}")]
+    Ioctl {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// An open, checked `/dev/kvm`.
+pub struct Hypervisor {
+    kvm: Kvm,
+    supported_cpuid: CpuId,
+    max_vcpus: usize,
+    tsc_deadline: bool,
+    xcrs: bool,
+}
+
+/// Where vmon looks for KVM: `/dev/kvm`, or `$VMON_KVM_DEVICE` (tests point it elsewhere to
+/// exercise the "KVM missing" path).
+pub fn device_path() -> PathBuf {
+    std::env::var_os("VMON_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+}
+
+impl Hypervisor {
+    pub fn open() -> Result<Self, HypervisorError> {
+        let path = device_path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| match source.kind() {
+                ErrorKind::NotFound => HypervisorError::Missing { path: path.clone() },
+                ErrorKind::PermissionDenied => {
+                    HypervisorError::PermissionDenied { path: path.clone() }
+                }
+                _ => HypervisorError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        // SAFETY: `into_raw_fd` hands over sole ownership of a descriptor we just opened;
+        // `Kvm` becomes its only owner and closes it.
+        let kvm = unsafe { Kvm::from_raw_fd(file.into_raw_fd()) };
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(HypervisorError::ApiVersion { path, version });
+        }
+        for (cap, purpose) in REQUIRED_CAPABILITIES {
+            if !kvm.check_extension(*cap) {
+                return Err(HypervisorError::MissingCapability {
+                    name: format!("KVM_CAP_{cap:?}"),
+                    purpose,
+                });
+            }
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| HypervisorError::Ioctl {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        Ok(Hypervisor {
+            max_vcpus: kvm.get_max_vcpus(),
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            xcrs: kvm.check_extension(Cap::Xcrs),
+            supported_cpuid,
+            kvm,
+        })
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    pub fn max_vcpus(&self) -> usize {
+        self.max_vcpus
+    }
+
+    pub fn has_tsc_deadline(&self) -> bool {
+        self.tsc_deadline
+    }
+
+    pub fn has_xcrs(&self) -> bool {
+        self.xcrs
+    }
+
+    /// Guest physical address width from CPUID 0x80000008 (36 if the leaf is missing, the
+    /// architectural minimum).
+    pub fn guest_phys_bits(&self) -> u8 {
+        self.supported_cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .map(|e| (e.eax & 0xFF) as u8)
+            .filter(|&bits| bits >= 32)
+            .unwrap_or(36)
+    }
+
+    /// True on a PVM host (`kvm_pvm`), where ring-0 guest code is emulated and a stock Linux
+    /// kernel cannot boot.
+    pub fn is_pvm() -> bool {
+        std::path::Path::new("/sys/module/kvm_pvm").exists()
+    }
+}

@@ -1,0 +1,72 @@
+//! The VM: in-kernel interrupt controllers and timer, and guest memory registered as slots.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmon_memory::layout::KVM_TSS_ADDRESS;
+use vmon_memory::GuestMemory as VmonGuestMemory;
+
+use crate::kvm::Hypervisor;
+use crate::vcpu::Vcpu;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { what, source }
+}
+
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Creates a VM with the in-kernel PIC/IOAPIC/LAPIC and PIT, and maps `memory` into it.
+    pub fn create(hv: &Hypervisor, memory: &VmonGuestMemory) -> Result<Self, VmError> {
+        let fd = hv.kvm().create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        // The dummy speaker port (0x61) is answered in the kernel, so the guest's PIT
+        // calibration through port 0x61 never reaches userspace.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region.as_ptr();
+            let mapping = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range belongs to `memory`'s mmap, which outlives the VM: the
+            // machine owns both and drops the VM (and its vCPUs) first.
+            unsafe { fd.set_user_memory_region(mapping) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(Vm { fd })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn create_vcpu(&self, index: u32) -> Result<Vcpu, VmError> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        Ok(Vcpu::new(fd, index))
+    }
+}
