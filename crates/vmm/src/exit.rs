@@ -1,0 +1,173 @@
+//! How a VM ends, how vmon fails, and the exit status each maps to.
+
+use vmon_boot::BootError;
+use vmon_hypervisor::{HypervisorError, VcpuError, VmError};
+use vmon_memory::layout::LayoutError;
+use vmon_memory::MemoryError;
+
+/// vmon's documented exit statuses (see docs/exit-codes.md). With `vmon run -- CMD`, the
+/// command's own status (0-255) is passed through and may coincide with these.
+pub mod exit_codes {
+    /// The guest powered off or rebooted, or CMD succeeded.
+    pub const OK: i32 = 0;
+    /// Bad command line: unknown flag, invalid value (e.g. `--cpus 0`, `--memory 1K`).
+    pub const USAGE: i32 = 64;
+    /// A kernel or initrd file that is not what it should be (not bzImage/ELF, truncated).
+    pub const BAD_IMAGE: i32 = 65;
+    /// A kernel or initrd file that does not exist or cannot be read.
+    pub const NO_INPUT: i32 = 66;
+    /// KVM is missing or unusable on this host.
+    pub const KVM_UNAVAILABLE: i32 = 69;
+    /// The VMM hit a KVM exit it cannot handle (internal error, failed entry).
+    pub const VMM_FAULT: i32 = 70;
+    /// The host refused resources: memory that cannot be mapped, threads, descriptors.
+    pub const HOST_RESOURCES: i32 = 71;
+    /// The guest crashed: triple fault or kernel panic.
+    pub const GUEST_CRASHED: i32 = 76;
+    /// vmon was stopped by a signal or the console escape: 128 + signal number.
+    pub const SIGNAL_BASE: i32 = 128;
+}
+
+/// Why a VM that started has ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest reported an exit status through the exit port.
+    ExitStatus(u8),
+    /// The guest rebooted (vmon does not restart it).
+    Reboot,
+    /// The guest kernel panicked (seen as a reboot flagged "warm" by `reboot=panic_warm`).
+    Panic,
+    /// Triple fault: KVM reported a guest shutdown.
+    TripleFault(String),
+    /// KVM could not continue the guest; `String` is the one-line diagnosis.
+    Fault(String),
+    /// The host stopped the VM: a signal, or Ctrl-A x on the console.
+    Stopped { signal: i32 },
+}
+
+impl VmOutcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmOutcome::ExitStatus(status) => i32::from(*status),
+            VmOutcome::Reboot => exit_codes::OK,
+            VmOutcome::Panic | VmOutcome::TripleFault(_) => exit_codes::GUEST_CRASHED,
+            VmOutcome::Fault(_) => exit_codes::VMM_FAULT,
+            VmOutcome::Stopped { signal } => exit_codes::SIGNAL_BASE + signal,
+        }
+    }
+
+    /// The line to print on stderr, if the outcome deserves one.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            VmOutcome::ExitStatus(_) | VmOutcome::Reboot => None,
+            VmOutcome::Panic => Some("guest crashed: kernel panic".into()),
+            VmOutcome::TripleFault(at) => Some(format!("guest crashed: triple fault ({at})")),
+            VmOutcome::Fault(what) => Some(format!("VM stopped: {what}")),
+            VmOutcome::Stopped { signal } => Some(format!(
+                "VM stopped by {}",
+                match *signal {
+                    libc::SIGINT => "SIGINT",
+                    libc::SIGTERM => "SIGTERM",
+                    libc::SIGHUP => "SIGHUP",
+                    _ => "a signal",
+                }
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{0}")]
+    Kvm(#[from] HypervisorError),
+    #[error("--memory {0}")]
+    Layout(#[from] LayoutError),
+    #[error("{source}; this host cannot map that much memory")]
+    MapMemory {
+        #[source]
+        source: MemoryError,
+    },
+    #[error("{0}")]
+    Boot(#[from] BootError),
+    #[error("--cpus {0}: a VM needs at least 1 vCPU")]
+    NoCpus(u32),
+    #[error("--cpus {requested}: this host supports at most {max} vCPUs per VM")]
+    TooManyCpus { requested: u32, max: u32 },
+    #[error("cannot create the VM: {0}")]
+    Vm(#[from] VmError),
+    #[error("cannot set up the vCPUs: {0}")]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot set up the devices: {0}")]
+    Devices(String),
+    #[error("{what}: {source}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmmError {
+    pub fn exit_code(&self) -> i32 {
+        use exit_codes::*;
+        match self {
+            VmmError::Kvm(_) => KVM_UNAVAILABLE,
+            VmmError::Layout(_) | VmmError::NoCpus(_) | VmmError::TooManyCpus { .. } => USAGE,
+            VmmError::MapMemory { .. } | VmmError::Host { .. } => HOST_RESOURCES,
+            VmmError::Boot(e) => match e {
+                BootError::Read { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound
+                        || source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    NO_INPUT
+                }
+                BootError::Read { .. } | BootError::BadKernel { .. } | BootError::BadInitrd { .. } => {
+                    BAD_IMAGE
+                }
+                BootError::CmdlineTooLong { .. } | BootError::CmdlineNul | BootError::TooManyCpus(_) => {
+                    USAGE
+                }
+                BootError::GuestMemory(_) => USAGE,
+            },
+            VmmError::Vm(_) | VmmError::Vcpu(_) | VmmError::Devices(_) => VMM_FAULT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_map_to_documented_codes() {
+        assert_eq!(VmOutcome::ExitStatus(7).exit_code(), 7);
+        assert_eq!(VmOutcome::ExitStatus(0).exit_code(), 0);
+        assert_eq!(VmOutcome::Reboot.exit_code(), 0);
+        assert_eq!(VmOutcome::Panic.exit_code(), 76);
+        assert_eq!(VmOutcome::TripleFault(String::new()).exit_code(), 76);
+        assert_eq!(VmOutcome::Fault(String::new()).exit_code(), 70);
+        assert_eq!(VmOutcome::Stopped { signal: libc::SIGTERM }.exit_code(), 143);
+        assert_eq!(VmOutcome::Reboot.message(), None);
+        assert_eq!(
+            VmOutcome::Stopped { signal: libc::SIGINT }.message().unwrap(),
+            "VM stopped by SIGINT"
+        );
+    }
+
+    #[test]
+    fn missing_files_and_bad_images_are_told_apart() {
+        let missing = VmmError::Boot(BootError::Read {
+            what: "kernel",
+            path: "/nope".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(missing.exit_code(), exit_codes::NO_INPUT);
+        assert_eq!(missing.to_string(), "cannot read kernel '/nope': entity not found");
+        let bad = VmmError::Boot(BootError::BadKernel {
+            path: "/x".into(),
+            reason: "not a bzImage or ELF".into(),
+        });
+        assert_eq!(bad.exit_code(), exit_codes::BAD_IMAGE);
+        assert_eq!(bad.to_string(), "cannot load kernel '/x': not a bzImage or ELF");
+    }
+}

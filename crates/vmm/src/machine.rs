@@ -1,0 +1,314 @@
+//! Building a machine from a [`VmConfig`] and running it.
+
+use std::io::{self, Read};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmon_boot::mptable::{self, CpuSignature};
+use vmon_boot::BootSpec;
+use vmon_devices::bus::lock;
+use vmon_devices::legacy::exit_port::{ExitPort, EXIT_PORT};
+use vmon_devices::legacy::i8042::I8042;
+use vmon_devices::legacy::rtc::Rtc;
+use vmon_devices::legacy::serial::{Output, SerialPort};
+use vmon_devices::legacy::{self, COM1, COM2, UART_PORTS};
+use vmon_devices::{Bus, BusDevice, GuestStop, StopSignal};
+use vmon_hypervisor::{CpuProfile, Hypervisor, Vcpu, Vm};
+use vmon_memory::{create_guest_memory, GuestMemory, MemoryLayout};
+
+use crate::config::VmConfig;
+use crate::exit::{VmOutcome, VmmError};
+use crate::signals::{self, StopSignals};
+use crate::terminal::RawTerminal;
+use crate::vcpu_loop::{self, OutcomeSlot, VcpuContext};
+
+/// ISA IRQ of the i8042 keyboard port.
+const I8042_IRQ: u32 = 1;
+/// Linux records a warm reboot (which `reboot=panic_warm` requests on panic) by writing this
+/// magic at physical 0x472, the BIOS data area's reset flag, just before it resets.
+const RESET_FLAG_ADDRESS: u64 = 0x472;
+const RESET_FLAG_WARM: u16 = 0x1234;
+/// How long vCPU threads get to leave KVM_RUN before we stop waiting for them.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Console escape: Ctrl-A, then x quits (as in QEMU); Ctrl-A Ctrl-A sends one Ctrl-A.
+const ESCAPE: u8 = 0x01;
+
+pub struct Machine {
+    // Field order is drop order: vCPUs and the VM go before the memory they map.
+    vcpus: Vec<Vcpu>,
+    vm: Vm,
+    _hypervisor: Hypervisor,
+    memory: GuestMemory,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    console: Arc<Mutex<SerialPort>>,
+    stop: Arc<StopSignal>,
+    console_input: bool,
+}
+
+fn host(what: &'static str) -> impl FnOnce(io::Error) -> VmmError {
+    move |source| VmmError::Host { what, source }
+}
+
+impl Machine {
+    /// Creates the VM, loads the guest and wires the devices; nothing runs yet.
+    pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        if config.cpus == 0 {
+            return Err(VmmError::NoCpus(0));
+        }
+        let hypervisor = Hypervisor::open()?;
+        let max_cpus = (hypervisor.max_vcpus() as u32).min(mptable::MAX_CPUS);
+        if config.cpus > max_cpus {
+            return Err(VmmError::TooManyCpus {
+                requested: config.cpus,
+                max: max_cpus,
+            });
+        }
+        let layout = MemoryLayout::new(config.memory)?;
+        layout.check_physical_limit(hypervisor.guest_phys_bits())?;
+        let memory =
+            create_guest_memory(&layout).map_err(|source| VmmError::MapMemory { source })?;
+        let vm = Vm::create(&hypervisor, &memory)?;
+
+        let supported = hypervisor.supported_cpuid();
+        let leaf1 = supported.as_slice().iter().find(|e| e.function == 1);
+        let boot = vmon_boot::prepare(
+            &memory,
+            &layout,
+            &BootSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                cpus: config.cpus,
+                cpu_signature: CpuSignature {
+                    signature: leaf1.map_or(0, |e| e.eax),
+                    features: leaf1.map_or(0, |e| e.edx),
+                },
+            },
+        )?;
+
+        let stop = Arc::new(StopSignal::new().map_err(host("creating an eventfd"))?);
+        let irq = |gsi: u32| -> Result<EventFd, VmmError> {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(host("creating an eventfd"))?;
+            vm.fd()
+                .register_irqfd(&evt, gsi)
+                .map_err(|e| VmmError::Devices(format!("KVM_IRQFD for IRQ {gsi}: {e}")))?;
+            Ok(evt)
+        };
+        let console = Arc::new(Mutex::new(SerialPort::new(
+            irq(COM1.1)?,
+            Box::new(io::stdout()) as Output,
+        )));
+        // COM2 carries the guest's stderr (and, in command mode, its kernel log) to ours.
+        let com2 = SerialPort::new(irq(COM2.1)?, Box::new(io::stderr()) as Output);
+        let i8042 = I8042::new(stop.clone(), Some(irq(I8042_IRQ)?));
+
+        let mut pio = Bus::new();
+        let mut add = |dev: Arc<Mutex<dyn BusDevice>>, port: u16, len: u64| {
+            pio.insert(dev, u64::from(port), len)
+                .map_err(|e| VmmError::Devices(e.to_string()))
+        };
+        add(console.clone(), COM1.0, UART_PORTS)?;
+        add(Arc::new(Mutex::new(com2)), COM2.0, UART_PORTS)?;
+        // One device spans 0x60..=0x64 so the data and command ports share state.
+        add(Arc::new(Mutex::new(i8042)), legacy::I8042_DATA, 5)?;
+        add(Arc::new(Mutex::new(Rtc::default())), legacy::RTC_PORT, 2)?;
+        add(Arc::new(Mutex::new(ExitPort::new(stop.clone()))), EXIT_PORT, 1)?;
+
+        let profile = CpuProfile {
+            vcpus: config.cpus,
+            nested: config.nested,
+            tsc_deadline: hypervisor.has_tsc_deadline(),
+        };
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for index in 0..config.cpus {
+            let vcpu = vm.create_vcpu(index)?;
+            vcpu.configure(&profile, supported, (index == 0).then_some(&boot))?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Machine {
+            vcpus,
+            vm,
+            _hypervisor: hypervisor,
+            memory,
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            console,
+            stop,
+            console_input: config.console_input,
+        })
+    }
+
+    /// Runs the guest until it stops or the host stops it.
+    pub fn run(mut self) -> Result<VmOutcome, VmmError> {
+        let host_signals = StopSignals::new().map_err(host("setting up signal handling"))?;
+        signals::install_vcpu_kick_handler().map_err(host("setting up signal handling"))?;
+        let running = Arc::new(AtomicBool::new(true));
+        let outcome = Arc::new(OutcomeSlot::new().map_err(host("creating an eventfd"))?);
+
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus.drain(..) {
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                memory: self.memory.clone(),
+                running: running.clone(),
+                outcome: outcome.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index()))
+                .spawn(move || vcpu_loop::run(vcpu, ctx));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    stop_vcpus(&running, threads);
+                    return Err(VmmError::Host {
+                        what: "starting a vCPU thread",
+                        source: e,
+                    });
+                }
+            }
+        }
+
+        let terminal = if self.console_input {
+            RawTerminal::enter()
+        } else {
+            None
+        };
+        let result = self.main_loop(&host_signals, &outcome, terminal.is_some());
+        stop_vcpus(&running, threads);
+        drop(terminal);
+        let _ = &self.vm;
+        result
+    }
+
+    fn main_loop(
+        &self,
+        host_signals: &StopSignals,
+        outcome: &OutcomeSlot,
+        raw_console: bool,
+    ) -> Result<VmOutcome, VmmError> {
+        let mut stdin_open = self.console_input;
+        let mut escape_pending = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            let mut fds = vec![
+                pollfd(host_signals.raw_fd()),
+                pollfd(self.stop.eventfd().as_raw_fd()),
+                pollfd(outcome.eventfd().as_raw_fd()),
+            ];
+            if stdin_open {
+                fds.push(pollfd(libc::STDIN_FILENO));
+            }
+            // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(VmmError::Host {
+                    what: "waiting for events",
+                    source: err,
+                });
+            }
+            if fds[0].revents != 0 {
+                if let Some(signal) = host_signals.read() {
+                    return Ok(VmOutcome::Stopped { signal });
+                }
+            }
+            if fds[1].revents != 0 {
+                let _ = self.stop.eventfd().read();
+                match self.stop.pending() {
+                    Some(GuestStop::ExitStatus(status)) => return Ok(VmOutcome::ExitStatus(status)),
+                    Some(GuestStop::Reboot) => return Ok(self.classify_reboot()),
+                    None => {}
+                }
+            }
+            if fds[2].revents != 0 {
+                let _ = outcome.eventfd().read();
+                if let Some(o) = outcome.take() {
+                    return Ok(o);
+                }
+            }
+            if stdin_open && fds[3].revents != 0 {
+                match io::stdin().lock().read(&mut buf) {
+                    Ok(0) => stdin_open = false,
+                    Ok(n) => {
+                        let mut input = Vec::with_capacity(n);
+                        for &b in &buf[..n] {
+                            if raw_console && escape_pending {
+                                escape_pending = false;
+                                match b {
+                                    b'x' | b'X' => {
+                                        return Ok(VmOutcome::Stopped {
+                                            signal: libc::SIGINT,
+                                        })
+                                    }
+                                    ESCAPE => input.push(ESCAPE),
+                                    other => input.extend([ESCAPE, other]),
+                                }
+                            } else if raw_console && b == ESCAPE {
+                                escape_pending = true;
+                            } else {
+                                input.push(b);
+                            }
+                        }
+                        lock(&self.console).queue_input(&input);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => stdin_open = false,
+                }
+            }
+        }
+    }
+
+    /// A reboot after `reboot=panic_warm` set the BIOS warm-reset flag is a kernel panic.
+    fn classify_reboot(&self) -> VmOutcome {
+        match self.memory.read_obj::<u16>(GuestAddress(RESET_FLAG_ADDRESS)) {
+            Ok(RESET_FLAG_WARM) => VmOutcome::Panic,
+            _ => VmOutcome::Reboot,
+        }
+    }
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Tells every vCPU thread to stop and kicks it out of KVM_RUN until it has.
+fn stop_vcpus(running: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    running.store(false, Ordering::Release);
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+    let mut left = threads;
+    while !left.is_empty() && Instant::now() < deadline {
+        for t in &left {
+            // SAFETY: the pthread_t belongs to a thread we spawned and have not joined, so
+            // it is still valid; the kick signal has a no-op handler.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), signals::vcpu_kick_signal()) };
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = left.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        left = waiting;
+        if !left.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    if !left.is_empty() {
+        tracing::warn!(threads = left.len(), "vCPU threads did not stop in time");
+    }
+}
