@@ -44,6 +44,36 @@ pub fn place(
     Ok(InitrdPlacement { addr, size })
 }
 
+fn bad(path: &Path) -> impl Fn(String) -> BootError + '_ {
+    move |reason| BootError::BadInitrd {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Opens the initrd and returns it with its size, refusing anything but a non-empty file.
+fn open(path: &Path) -> Result<(File, u64), BootError> {
+    let read_err = |source| BootError::Read {
+        what: "initrd",
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(bad(path)("not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(bad(path)("the file is empty".into()));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Checks that the initrd can be read, before any guest memory exists.
+pub fn check(path: &Path) -> Result<(), BootError> {
+    open(path).map(|_| ())
+}
+
 /// Reads the initrd at `path` into guest memory.
 pub fn load(
     mem: &impl GuestMemory,
@@ -52,24 +82,9 @@ pub fn load(
     low_end: u64,
     kernel_end: u64,
 ) -> Result<InitrdPlacement, BootError> {
-    let read_err = |source| BootError::Read {
-        what: "initrd",
-        path: path.to_path_buf(),
-        source,
-    };
-    let bad = |reason: String| BootError::BadInitrd {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut file = File::open(path).map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
-    }
-    if meta.len() == 0 {
-        return Err(bad("the file is empty".into()));
-    }
-    let placement = place(meta.len(), addr_max, low_end, kernel_end).map_err(bad)?;
+    let bad = bad(path);
+    let (mut file, size) = open(path)?;
+    let placement = place(size, addr_max, low_end, kernel_end).map_err(&bad)?;
     mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut file, placement.size as usize)
         .map_err(|e| bad(format!("reading it into guest memory: {e}")))?;
     Ok(placement)

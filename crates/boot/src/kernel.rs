@@ -102,8 +102,7 @@ pub fn inspect(image: &[u8], file_len: u64) -> Result<KernelFormat, String> {
     Ok(KernelFormat::BzImage)
 }
 
-/// Loads the kernel at `path` into guest memory.
-pub fn load<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, BootError> {
+fn open_and_inspect(path: &Path) -> Result<(File, KernelFormat), BootError> {
     let bad = |reason: String| BootError::BadKernel {
         path: path.to_path_buf(),
         reason,
@@ -124,8 +123,24 @@ pub fn load<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel,
         .read_to_end(&mut head)
         .map_err(read_err)?;
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let format = inspect(&head, meta.len()).map_err(bad)?;
+    Ok((file, format))
+}
 
-    match inspect(&head, meta.len()).map_err(bad)? {
+/// Checks that `path` is a readable kernel image we can boot, without loading it: lets the
+/// VMM reject a bad file before it opens KVM or maps memory.
+pub fn check(path: &Path) -> Result<KernelFormat, BootError> {
+    open_and_inspect(path).map(|(_, format)| format)
+}
+
+/// Loads the kernel at `path` into guest memory.
+pub fn load<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, BootError> {
+    let bad = |reason: String| BootError::BadKernel {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (mut file, format) = open_and_inspect(path)?;
+    match format {
         KernelFormat::BzImage => {
             let result = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
                 .map_err(|e| bad(format!("bzImage: {e}")))?;

@@ -23,6 +23,9 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Ioctl { what, source }
 }
 
+/// Largest memory slot we register: KVM allows up to 2^31 - 1 pages per slot.
+const MAX_SLOT_SIZE: u64 = 1 << 42;
+
 pub struct Vm {
     fd: VmFd,
 }
@@ -41,19 +44,26 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        for (slot, region) in memory.iter().enumerate() {
-            let host = region.as_ptr();
-            let mapping = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the host range belongs to `memory`'s mmap, which outlives the VM: the
-            // machine owns both and drops the VM (and its vCPUs) first.
-            unsafe { fd.set_user_memory_region(mapping) }
-                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        let mut slot = 0u32;
+        for region in memory.iter() {
+            // KVM caps a memory slot just below 8 TiB; larger regions take several slots.
+            let mut offset = 0;
+            while offset < region.len() {
+                let size = (region.len() - offset).min(MAX_SLOT_SIZE);
+                let mapping = kvm_userspace_memory_region {
+                    slot,
+                    flags: 0,
+                    guest_phys_addr: region.start_addr().0 + offset,
+                    memory_size: size,
+                    userspace_addr: region.as_ptr() as u64 + offset,
+                };
+                // SAFETY: the host range lies inside `memory`'s mmap, which outlives the VM:
+                // the machine owns both and drops the VM (and its vCPUs) first.
+                unsafe { fd.set_user_memory_region(mapping) }
+                    .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+                offset += size;
+                slot += 1;
+            }
         }
         Ok(Vm { fd })
     }

@@ -47,7 +47,7 @@ pub enum LayoutError {
     TooSmall(MemSize),
     #[error("{0} is not a whole number of 4 KiB pages")]
     NotPageAligned(MemSize),
-    #[error("{size} does not fit below the guest's {phys_bits}-bit physical address limit")]
+    #[error("{size} is more than this host can map: guest-physical addresses end at {phys_bits} bits")]
     BeyondPhysicalLimit { size: MemSize, phys_bits: u8 },
 }
 

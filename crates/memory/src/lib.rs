@@ -7,9 +7,11 @@
 
 #![deny(unsafe_code)]
 
+pub mod host;
 pub mod layout;
 pub mod size;
 
+pub use host::HostMemory;
 pub use layout::{E820Entry, E820Kind, MemoryLayout};
 pub use size::{MemSize, SizeError};
 
@@ -20,7 +22,7 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("cannot map {size} of guest memory: {source}")]
+    #[error("mmap of {size} failed: {source}")]
     Map {
         size: MemSize,
         #[source]

@@ -37,6 +37,18 @@ impl MemSize {
     pub const fn mib(self) -> u64 {
         self.0 / MIB
     }
+
+    /// A rounded rendering for messages about host sizes: "23.5 GiB".
+    pub fn approx(self) -> String {
+        let b = self.0 as f64;
+        match self.0 {
+            0 => "none".into(),
+            n if n >= TIB => format!("{:.1} TiB", b / TIB as f64),
+            n if n >= GIB => format!("{:.1} GiB", b / GIB as f64),
+            n if n >= MIB => format!("{:.1} MiB", b / MIB as f64),
+            _ => self.to_string(),
+        }
+    }
 }
 
 impl FromStr for MemSize {
@@ -88,7 +100,9 @@ impl FromStr for MemSize {
 impl fmt::Display for MemSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b >= GIB && b % GIB == 0 {
+        if b >= TIB && b % TIB == 0 {
+            write!(f, "{} TiB", b / TIB)
+        } else if b >= GIB && b % GIB == 0 {
             write!(f, "{} GiB", b / GIB)
         } else if b >= MIB && b % MIB == 0 {
             write!(f, "{} MiB", b / MIB)
@@ -139,8 +153,11 @@ mod tests {
     #[test]
     fn display_picks_the_largest_exact_unit() {
         assert_eq!(MemSize::from_mib(2048).to_string(), "2 GiB");
+        assert_eq!(MemSize::from_bytes(3 * TIB).to_string(), "3 TiB");
         assert_eq!(MemSize::from_mib(4608).to_string(), "4608 MiB");
         assert_eq!(MemSize::from_bytes(1024).to_string(), "1 KiB");
         assert_eq!(MemSize::from_bytes(1000).to_string(), "1000 bytes");
+        assert_eq!(MemSize::from_bytes(24_684_084 * KIB).approx(), "23.5 GiB");
+        assert_eq!(MemSize::from_bytes(0).approx(), "none");
     }
 }

@@ -76,17 +76,27 @@ impl VmOutcome {
     }
 }
 
+fn swap_text(swap: vmon_memory::MemSize) -> String {
+    match swap.bytes() {
+        0 => "no swap".into(),
+        _ => format!("{} of swap", swap.approx()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     #[error("{0}")]
     Kvm(#[from] HypervisorError),
     #[error("--memory {0}")]
     Layout(#[from] LayoutError),
-    #[error("{source}; this host cannot map that much memory")]
-    MapMemory {
-        #[source]
-        source: MemoryError,
+    #[error("--memory {size} is more than this host can map: it has {} of RAM and {}", ram.approx(), swap_text(*swap))]
+    MoreThanHost {
+        size: vmon_memory::MemSize,
+        ram: vmon_memory::MemSize,
+        swap: vmon_memory::MemSize,
     },
+    #[error("--memory: more than this host can map ({0})")]
+    MapMemory(#[source] MemoryError),
     #[error("{0}")]
     Boot(#[from] BootError),
     #[error("--cpus {0}: a VM needs at least 1 vCPU")]
@@ -112,8 +122,8 @@ impl VmmError {
         use exit_codes::*;
         match self {
             VmmError::Kvm(_) => KVM_UNAVAILABLE,
-            VmmError::Layout(_) | VmmError::NoCpus(_) | VmmError::TooManyCpus { .. } => USAGE,
-            VmmError::MapMemory { .. } | VmmError::Host { .. } => HOST_RESOURCES,
+            VmmError::Layout(_) | VmmError::MoreThanHost { .. } | VmmError::NoCpus(_) | VmmError::TooManyCpus { .. } => USAGE,
+            VmmError::MapMemory(_) | VmmError::Host { .. } => HOST_RESOURCES,
             VmmError::Boot(e) => match e {
                 BootError::Read { source, .. }
                     if source.kind() == std::io::ErrorKind::NotFound

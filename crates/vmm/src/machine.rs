@@ -20,7 +20,7 @@ use vmon_devices::legacy::serial::{Output, SerialPort};
 use vmon_devices::legacy::{self, COM1, COM2, UART_PORTS};
 use vmon_devices::{Bus, BusDevice, GuestStop, StopSignal};
 use vmon_hypervisor::{CpuProfile, Hypervisor, Vcpu, Vm};
-use vmon_memory::{create_guest_memory, GuestMemory, MemoryLayout};
+use vmon_memory::{create_guest_memory, GuestMemory, HostMemory, MemoryLayout};
 
 use crate::config::VmConfig;
 use crate::exit::{VmOutcome, VmmError};
@@ -59,8 +59,24 @@ fn host(what: &'static str) -> impl FnOnce(io::Error) -> VmmError {
 impl Machine {
     /// Creates the VM, loads the guest and wires the devices; nothing runs yet.
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        // Everything that can be judged from the configuration alone is, before KVM is
+        // opened or memory mapped: a typo gets its own message, not a KVM error.
         if config.cpus == 0 {
             return Err(VmmError::NoCpus(0));
+        }
+        let layout = MemoryLayout::new(config.memory)?;
+        if let Some(host) = HostMemory::read() {
+            if config.memory > host.limit() {
+                return Err(VmmError::MoreThanHost {
+                    size: config.memory,
+                    ram: host.ram,
+                    swap: host.swap,
+                });
+            }
+        }
+        vmon_boot::kernel::check(&config.kernel)?;
+        if let Some(initrd) = &config.initrd {
+            vmon_boot::initrd::check(initrd)?;
         }
         let hypervisor = Hypervisor::open()?;
         let max_cpus = (hypervisor.max_vcpus() as u32).min(mptable::MAX_CPUS);
@@ -70,10 +86,9 @@ impl Machine {
                 max: max_cpus,
             });
         }
-        let layout = MemoryLayout::new(config.memory)?;
         layout.check_physical_limit(hypervisor.guest_phys_bits())?;
         let memory =
-            create_guest_memory(&layout).map_err(|source| VmmError::MapMemory { source })?;
+            create_guest_memory(&layout).map_err(VmmError::MapMemory)?;
         let vm = Vm::create(&hypervisor, &memory)?;
 
         let supported = hypervisor.supported_cpuid();

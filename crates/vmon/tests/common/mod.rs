@@ -1,0 +1,140 @@
+//! Shared helpers for vmon's integration tests: gating on KVM, running the binary with a
+//! deadline, and scratch files.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const VMON: &str = env!("CARGO_BIN_EXE_vmon");
+
+/// Whether tests that need /dev/kvm can run. With VMON_REQUIRE_KVM=1 (set by .ci/run
+/// wherever /dev/kvm exists) a missing or unusable KVM fails the test instead of skipping it.
+pub fn kvm_available(test: &str) -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    match usable {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("VMON_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: VMON_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
+            }
+            eprintln!("SKIPPED {test}: /dev/kvm cannot be opened ({e}); set up KVM to run it");
+            false
+        }
+    }
+}
+
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    /// Asserts the failure was reported as one `vmon: ...` line, without panic or backtrace.
+    pub fn assert_one_line_error(&self, code: i32, needle: &str) {
+        assert_eq!(self.code(), code, "exit status; stderr: {}", self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr, got: {:?}", self.stderr);
+        assert!(lines[0].starts_with("vmon: "), "{:?}", lines[0]);
+        assert!(lines[0].contains(needle), "{:?} does not mention {needle:?}", lines[0]);
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+        assert!(!self.stderr.contains("RUST_BACKTRACE"), "{}", self.stderr);
+    }
+}
+
+/// Runs vmon with `args`, stdin from /dev/null, killing it after `timeout`.
+pub fn run_vmon(args: &[&str], timeout: Duration) -> Output {
+    run_vmon_env(args, &[], timeout)
+}
+
+pub fn run_vmon_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+    let mut cmd = Command::new(VMON);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let child = cmd.spawn().expect("spawn vmon");
+    wait_with_timeout(child, timeout, start)
+}
+
+pub fn wait_with_timeout(mut child: Child, timeout: Duration, start: Instant) -> Output {
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            let out = String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned();
+            let err = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
+            panic!("vmon timed out after {timeout:?} ({status}); stdout: {out}\nstderr: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let elapsed = start.elapsed();
+    Output {
+        status,
+        stdout: String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
+        elapsed,
+    }
+}
+
+/// A scratch directory removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "vmon-test-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
