@@ -100,6 +100,48 @@ pub fn i8042_reset() -> Vec<u8> {
     })
 }
 
+/// Does what Linux does on `panic` with `reboot=panic_warm`: stores the BIOS warm-reset
+/// flag 0x1234 at physical 0x472, then resets through the i8042.
+///
+/// Host observes: a reset with the warm flag set, which vmon reports as a guest panic.
+pub fn warm_reset() -> Vec<u8> {
+    build64(|g| {
+        g.a.mov(word_ptr(0x472), 0x1234u32)?;
+        g.a.mov(al, 0xFEu32)?;
+        g.a.out(0x64u32, al)?;
+        g.halt_forever()
+    })
+}
+
+/// Prints `ready\n`, then reads `count` bytes from COM1 (polling LSR.DR) and writes each
+/// back, then exits 0.
+///
+/// Host observes: the bytes it wrote to vmon's stdin, echoed on stdout after `ready`.
+pub fn serial_echo(count: u32) -> Vec<u8> {
+    build64(|g| {
+        g.print(b"ready\n")?;
+        g.a.mov(ebx, count)?;
+        let mut next = g.a.create_label();
+        let mut wait = g.a.create_label();
+        let mut done = g.a.create_label();
+        g.a.set_label(&mut next)?;
+        g.a.cmp(ebx, 0)?;
+        g.a.je(done)?;
+        g.a.set_label(&mut wait)?;
+        g.a.mov(dx, COM1_LSR as u32)?;
+        g.a.in_(al, dx)?;
+        g.a.and(al, 1)?;
+        g.a.je(wait)?;
+        g.a.mov(dx, COM1 as u32)?;
+        g.a.in_(al, dx)?;
+        g.call_putc()?;
+        g.a.dec(ebx)?;
+        g.a.jmp(next)?;
+        g.a.set_label(&mut done)?;
+        g.exit(0)
+    })
+}
+
 /// Loads an IDT with limit 0 and executes `ud2`. The #UD cannot be
 /// delivered, nor can the resulting #GP and #DF: a triple fault.
 ///

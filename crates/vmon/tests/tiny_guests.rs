@@ -1,0 +1,222 @@
+//! The tiny-guest tier: small purpose-built guests (assembled by vmon-tinyguest) run on the
+//! machine's own /dev/kvm and check the exit paths, the devices and the boot protocols in
+//! milliseconds. They need KVM but not VT-x/AMD-V: they run on PVM hosts too.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, run_vmon, Output, Scratch, VMON};
+use vmon_tinyguest as tg;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Boots `image` with extra `args` and returns what vmon did.
+fn boot(name: &str, image: &[u8], args: &[&str]) -> Output {
+    let dir = Scratch::new(name);
+    let kernel = dir.file("guest", image);
+    let mut all = vec!["run", "--kernel", kernel.to_str().unwrap()];
+    if !args.contains(&"--memory") {
+        all.extend_from_slice(&["--memory", "64M"]);
+    }
+    all.extend_from_slice(args);
+    run_vmon(&all, T)
+}
+
+macro_rules! require_kvm {
+    () => {
+        if !kvm_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+#[test]
+fn serial_output_reaches_stdout_and_exit_status_is_passed_through() {
+    require_kvm!();
+    for status in [0u8, 7, 255] {
+        let out = boot(
+            "hello",
+            &tg::elf64(&tg::serial_print_then_exit(b"hello from the guest\n", status), tg::DEFAULT_LOAD_ADDR),
+            &[],
+        );
+        assert_eq!(out.stdout, "hello from the guest\n");
+        assert_eq!(out.code(), i32::from(status), "stderr: {}", out.stderr);
+        assert_eq!(out.stderr, "");
+    }
+}
+
+#[test]
+fn bzimage_entry_sees_zero_page_cmdline_and_e820() {
+    require_kvm!();
+    let image = tg::bzimage(&tg::bzimage_check_boot_params());
+    let out = boot("bzimage", &image, &["--cmdline", "console=ttyS0 vmon.test=42"]);
+    assert_eq!(out.code(), 0, "stdout: {} stderr: {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("hdrs ok"), "{}", out.stdout);
+    assert!(out.stdout.contains("cmdline=console=ttyS0 vmon.test=42\n"), "{}", out.stdout);
+    assert!(out.stdout.contains("e820=04"), "{}", out.stdout);
+}
+
+#[test]
+fn large_guest_gets_ram_above_the_mmio_hole() {
+    require_kvm!();
+    let image = tg::bzimage(&tg::bzimage_check_boot_params());
+    let out = boot("bzimage-big", &image, &["--memory", "4608M"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stdout.contains("e820=05"), "{}", out.stdout);
+}
+
+#[test]
+fn pvh_entry_gets_start_info_in_ebx() {
+    require_kvm!();
+    let image = tg::elf64_pvh(&tg::pvh_hello(), tg::DEFAULT_LOAD_ADDR);
+    let out = boot("pvh", &image, &[]);
+    assert_eq!(out.stdout, "pvh ok\n", "stderr: {}", out.stderr);
+    assert_eq!(out.code(), 0);
+}
+
+#[test]
+fn i8042_reset_ends_the_vm_as_a_reboot() {
+    require_kvm!();
+    let out = boot("reset", &tg::elf64(&tg::i8042_reset(), tg::DEFAULT_LOAD_ADDR), &[]);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_eq!(out.stderr, "");
+}
+
+#[test]
+fn reset_with_the_warm_flag_is_reported_as_a_panic() {
+    require_kvm!();
+    let out = boot("panic", &tg::elf64(&tg::warm_reset(), tg::DEFAULT_LOAD_ADDR), &[]);
+    out.assert_one_line_error(76, "guest crashed: kernel panic");
+}
+
+#[test]
+fn triple_fault_is_a_guest_crash_with_a_diagnosis() {
+    require_kvm!();
+    let out = boot("triple", &tg::elf64(&tg::triple_fault(), tg::DEFAULT_LOAD_ADDR), &[]);
+    out.assert_one_line_error(76, "guest crashed: triple fault");
+    // The diagnosis names the vCPU, RIP and the bytes of the faulting instruction (ud2).
+    assert!(out.stderr.contains("vCPU 0 at RIP 0x"), "{}", out.stderr);
+    assert!(out.stderr.contains("0f 0b"), "{}", out.stderr);
+}
+
+#[test]
+fn legacy_ports_answer_as_a_pc_would() {
+    require_kvm!();
+    let out = boot("ports", &tg::elf64(&tg::port_probe(), tg::DEFAULT_LOAD_ADDR), &[]);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let year = {
+        // The RTC reports the host's current year in BCD.
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let days = secs / 86_400;
+        // Good enough for the test: the year of `days` since 1970.
+        let mut y = 1970u64;
+        let mut d = days;
+        loop {
+            let len = if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 { 366 } else { 365 };
+            if d < len {
+                break y;
+            }
+            d -= len;
+            y += 1;
+        }
+    };
+    let bcd = |v: u64| format!("{:x}", ((v / 10) << 4) | (v % 10));
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let value = |label: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{label}=")))
+            .unwrap_or_else(|| panic!("no {label} in {lines:?}"))
+            .to_string()
+    };
+    assert_eq!(value("0071[09]"), format!("{:0>2}", bcd(year % 100)));
+    assert_eq!(value("0071[32]"), bcd(year / 100));
+    assert_eq!(value("0080"), "ff", "POST port reads as an empty bus");
+    assert_eq!(value("03e8"), "ff", "absent COM3 reads all-ones");
+    assert_eq!(value("03fd"), "60", "COM1 is an idle 16550: THRE and TEMT");
+}
+
+#[test]
+fn wild_accesses_do_not_hurt_the_vmm() {
+    require_kvm!();
+    let out = boot("wild", &tg::elf64(&tg::wild_accesses(), tg::DEFAULT_LOAD_ADDR), &[]);
+    assert_eq!(out.code(), 0, "stdout {} stderr {}", out.stdout, out.stderr);
+    assert!(out.stdout.ends_with("alive\n"), "{}", out.stdout);
+}
+
+#[test]
+fn smp_guest_brings_up_every_vcpu() {
+    require_kvm!();
+    for cpus in [1u8, 2, 4] {
+        let image = tg::elf64(&tg::smp_hello(cpus), tg::DEFAULT_LOAD_ADDR);
+        let n = cpus.to_string();
+        let out = boot("smp", &image, &["--cpus", &n]);
+        assert_eq!(out.code(), 0, "{cpus} vCPUs: stdout {} stderr {}", out.stdout, out.stderr);
+        assert_eq!(out.stdout, format!("cpus={cpus}\n"));
+    }
+}
+
+#[test]
+fn console_input_reaches_the_guest() {
+    require_kvm!();
+    let dir = Scratch::new("echo");
+    let input = "typed into the console, longer than the UART's 64-byte receive FIFO so the backlog is exercised\n";
+    let kernel = dir.file("guest", &tg::elf64(&tg::serial_echo(input.len() as u32), tg::DEFAULT_LOAD_ADDR));
+    let mut child = Command::new(VMON)
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let out = common::wait_with_timeout(child, T, Instant::now());
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_eq!(out.stdout, format!("ready\n{input}"));
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_vm_cleanly() {
+    require_kvm!();
+    for (signal, code, name) in [(libc::SIGTERM, 143, "SIGTERM"), (libc::SIGINT, 130, "SIGINT")] {
+        let dir = Scratch::new("sigterm");
+        let kernel = dir.file("guest", &tg::elf64(&tg::print_then_spin(b"spinning\n"), tg::DEFAULT_LOAD_ADDR));
+        let mut child = Command::new(VMON)
+            .args(["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--cpus", "2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "spinning\n");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let start = Instant::now();
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(code), "{stderr}");
+        assert_eq!(stderr, format!("vmon: VM stopped by {name}\n"));
+        assert!(start.elapsed() < Duration::from_secs(5), "stopping took {:?}", start.elapsed());
+    }
+}
+
+#[test]
+fn kvm_run_entering_the_wrong_bzimage_entry_would_be_caught() {
+    require_kvm!();
+    // The tiny bzImage exits 0xEE if entered at the 32-bit entry instead of the 64-bit one.
+    let out = boot("bzentry", &tg::bzimage(&tg::exit_with(0)), &[]);
+    assert_ne!(out.code(), i32::from(tg::BZIMAGE_WRONG_ENTRY_STATUS));
+    assert_eq!(out.code(), 0);
+}
