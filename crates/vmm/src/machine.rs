@@ -168,6 +168,12 @@ impl Machine {
         let running = Arc::new(AtomicBool::new(true));
         let outcome = Arc::new(OutcomeSlot::new().map_err(host("creating an eventfd"))?);
 
+        // Raw mode before the first guest instruction, so no early keystroke is cooked.
+        let terminal = if self.console_input {
+            RawTerminal::enter()
+        } else {
+            None
+        };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
             let ctx = VcpuContext {
@@ -192,11 +198,6 @@ impl Machine {
             }
         }
 
-        let terminal = if self.console_input {
-            RawTerminal::enter()
-        } else {
-            None
-        };
         let result = self.main_loop(&host_signals, &outcome, terminal.is_some());
         stop_vcpus(&running, threads);
         drop(terminal);
