@@ -1,0 +1,142 @@
+//! The Linux tier: boot the stock Debian kernel with the default guest kit and check, from
+//! inside the guest, what it sees. Needs hardware virtualisation (VT-x/AMD-V): on a PVM host
+//! a stock kernel cannot boot, so `scripts/test.sh` runs these inside the lab VM
+//! (`scripts/lab.sh`), where it sets VMON_LINUX_TIER=1 and they cannot skip.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run_vmon, Output};
+
+/// A stock-kernel boot in the lab (nested AMD-V under TCG) takes seconds; leave headroom.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn linux_tier(test: &str) -> bool {
+    if std::env::var("VMON_LINUX_TIER").as_deref() == Ok("1") {
+        assert!(
+            std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
+            "{test}: VMON_LINUX_TIER=1 but /dev/kvm cannot be opened"
+        );
+        return true;
+    }
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "SKIPPED {test}: this host's KVM is PVM, where a stock kernel cannot boot; \
+             scripts/test.sh runs the Linux tier inside the lab (scripts/lab.sh)"
+        );
+        return false;
+    }
+    common::kvm_available(test)
+}
+
+fn guest(args: &[&str]) -> Output {
+    let out = run_vmon(args, BOOT_TIMEOUT);
+    eprintln!(
+        "vmon {args:?} -> {} in {:.2?}\nstdout:\n{}\nstderr:\n{}",
+        out.code(),
+        out.elapsed,
+        out.stdout,
+        out.stderr
+    );
+    out
+}
+
+/// The lines of a guest report `key=value`, as a lookup.
+fn field<'a>(out: &'a Output, key: &str) -> &'a str {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in guest output:\n{}", out.stdout))
+}
+
+const REPORT: &str = "echo cpus=$(nproc); \
+     echo memtotal_kib=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo); \
+     echo virt_flags=$(grep -cwE 'vmx|svm' /proc/cpuinfo); \
+     echo year=$(date -u +%Y); \
+     echo e820_ram=$(dmesg | grep -c 'BIOS-e820: .*usable')";
+
+fn host_year() -> String {
+    String::from_utf8(
+        std::process::Command::new("date")
+            .args(["-u", "+%Y"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn one_vcpu_256m() {
+    if !linux_tier("one_vcpu_256m") {
+        return;
+    }
+    let out = guest(&["run", "--cpus", "1", "--memory", "256M", "--", "sh", "-c", REPORT]);
+    assert_eq!(out.code(), 0);
+    assert_eq!(field(&out, "cpus"), "1");
+    let kib: u64 = field(&out, "memtotal_kib").parse().unwrap();
+    // MemTotal is RAM minus what the kernel reserves for itself (its image, page tables).
+    assert!((180 * 1024..256 * 1024).contains(&kib), "MemTotal {kib} KiB for 256 MiB");
+    assert_eq!(field(&out, "virt_flags"), "0", "VMX/SVM must be hidden by default");
+    assert_eq!(field(&out, "year"), host_year());
+    assert_eq!(field(&out, "e820_ram"), "2");
+}
+
+#[test]
+fn four_vcpus_4608m_split_around_the_hole_and_exit_status_7() {
+    if !linux_tier("four_vcpus_4608m") {
+        return;
+    }
+    let script = format!("{REPORT} exit 7");
+    let out = guest(&["run", "--cpus", "4", "--memory", "4608M", "--", "sh", "-c", &script]);
+    assert_eq!(out.code(), 7);
+    assert_eq!(field(&out, "cpus"), "4");
+    let kib: u64 = field(&out, "memtotal_kib").parse().unwrap();
+    assert!((4200 * 1024..4608 * 1024).contains(&kib), "MemTotal {kib} KiB for 4608 MiB");
+    // Low RAM, and RAM above 4 GiB: the guest sees both sides of the MMIO hole.
+    assert_eq!(field(&out, "e820_ram"), "3");
+    assert_eq!(field(&out, "virt_flags"), "0");
+}
+
+#[test]
+fn command_stdout_is_exactly_vmons_stdout() {
+    if !linux_tier("command_stdout_is_exactly_vmons_stdout") {
+        return;
+    }
+    let out = guest(&["run", "--", "sh", "-c", "echo out; echo err >&2; seq 1 2000 | tail -n 1"]);
+    assert_eq!(out.code(), 0);
+    assert_eq!(out.stdout, "out\n2000\n");
+    assert!(out.stderr.contains("err\n"), "guest stderr goes to vmon's stderr");
+}
+
+#[test]
+fn guest_reboot_ends_vmon() {
+    if !linux_tier("guest_reboot_ends_vmon") {
+        return;
+    }
+    let out = guest(&["run", "--", "reboot", "-f"]);
+    assert_eq!(out.code(), 0);
+}
+
+#[test]
+fn guest_panic_is_a_crash() {
+    if !linux_tier("guest_panic_is_a_crash") {
+        return;
+    }
+    let out = guest(&["run", "--", "sh", "-c", "echo c > /proc/sysrq-trigger"]);
+    assert_eq!(out.code(), 76);
+    assert!(out.stderr.contains("vmon: guest crashed: kernel panic"), "{}", out.stderr);
+}
+
+#[test]
+fn nested_on_exposes_virtualisation() {
+    if !linux_tier("nested_on_exposes_virtualisation") {
+        return;
+    }
+    let out = guest(&["run", "--cpu", "nested=on", "--", "grep", "-cwE", "vmx|svm", "/proc/cpuinfo"]);
+    assert_eq!(out.code(), 0, "the host CPU offers VMX/SVM to vmon, so the guest must see it");
+    assert_ne!(out.stdout.trim(), "0");
+}
