@@ -154,11 +154,17 @@ mod tests {
     fn decodes_data_and_tss() {
         let gdt = BootGdt::protected_mode();
         let data = gdt.segment(BootGdt::DATA_INDEX);
-        assert_eq!((data.selector, data.type_, data.db, data.s, data.l), (0x10, 3, 1, 1, 0));
+        assert_eq!(
+            (data.selector, data.type_, data.db, data.s, data.l),
+            (0x10, 3, 1, 1, 0)
+        );
         let code = gdt.segment(BootGdt::CODE_INDEX);
         assert_eq!((code.db, code.l), (1, 0));
         let tss = gdt.segment(BootGdt::TSS_INDEX);
-        assert_eq!((tss.selector, tss.type_, tss.s, tss.present), (0x18, 0xB, 0, 1));
+        assert_eq!(
+            (tss.selector, tss.type_, tss.s, tss.present),
+            (0x18, 0xB, 0, 1)
+        );
         assert_eq!(gdt.limit(), 31);
     }
 

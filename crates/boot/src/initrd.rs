@@ -85,8 +85,12 @@ pub fn load(
     let bad = bad(path);
     let (mut file, size) = open(path)?;
     let placement = place(size, addr_max, low_end, kernel_end).map_err(&bad)?;
-    mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut file, placement.size as usize)
-        .map_err(|e| bad(format!("reading it into guest memory: {e}")))?;
+    mem.read_exact_volatile_from(
+        GuestAddress(placement.addr),
+        &mut file,
+        placement.size as usize,
+    )
+    .map_err(|e| bad(format!("reading it into guest memory: {e}")))?;
     Ok(placement)
 }
 

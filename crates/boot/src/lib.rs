@@ -129,12 +129,8 @@ pub fn prepare<M: GuestMemoryBackend>(
             (BootGdt::protected_mode(), state)
         }
         EntryMode::LinuxBoot64 | EntryMode::Elf64 => {
-            let zero_page = params::build_zero_page(
-                kernel.setup_header,
-                spec.cmdline.len(),
-                initrd,
-                &e820,
-            );
+            let zero_page =
+                params::build_zero_page(kernel.setup_header, spec.cmdline.len(), initrd, &e820);
             let rsi = params::write_zero_page(mem, &zero_page)?;
             let cr3 = paging::write_identity_tables(mem)?;
             let state = BootCpuState {

@@ -76,11 +76,38 @@ pub fn build(cpus: u32, cpu: CpuSignature, base: u64) -> Result<Vec<u8>, BootErr
     push(&ioapic);
     for irq in 0..IOAPIC_PINS {
         // Flags 0: polarity and trigger "conform to the bus" (ISA: active high, edge).
-        push(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, ISA_BUS_ID, irq, ioapic_id, irq]);
+        push(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            ISA_BUS_ID,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
     }
     // Virtual-wire wiring of every local APIC: LINT0 from the PIC, LINT1 is NMI.
-    push(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, ISA_BUS_ID, 0, ALL_LAPICS, 0]);
-    push(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, 0, 0, ISA_BUS_ID, 0, ALL_LAPICS, 1]);
+    push(&[
+        ENTRY_LOCAL_INTERRUPT,
+        INT_TYPE_EXTINT,
+        0,
+        0,
+        ISA_BUS_ID,
+        0,
+        ALL_LAPICS,
+        0,
+    ]);
+    push(&[
+        ENTRY_LOCAL_INTERRUPT,
+        INT_TYPE_NMI,
+        0,
+        0,
+        ISA_BUS_ID,
+        0,
+        ALL_LAPICS,
+        1,
+    ]);
 
     let table_addr = base + FLOATING_POINTER_LEN as u64;
     let table_len = HEADER_LEN + entries.len();
@@ -111,7 +138,7 @@ pub fn build(cpus: u32, cpu: CpuSignature, base: u64) -> Result<Vec<u8>, BootErr
 /// Writes the MP table for `cpus` vCPUs into the BIOS area.
 pub fn write(mem: &impl GuestMemory, cpus: u32, cpu: CpuSignature) -> Result<(), BootError> {
     let table = build(cpus, cpu, MPTABLE_START)?;
-    debug_assert!(MPTABLE_START >= BIOS_START);
+    const { assert!(MPTABLE_START >= BIOS_START) };
     debug_assert!(MPTABLE_START + table.len() as u64 <= HIGH_MEMORY_START);
     mem.write_slice(&table, GuestAddress(MPTABLE_START))?;
     Ok(())
@@ -148,7 +175,15 @@ mod tests {
     #[test]
     fn one_processor_entry_per_cpu_bsp_first() {
         let cpus = 4;
-        let t = build(cpus, CpuSignature { signature: 0x800F12, features: 0x178BFBFF }, 0).unwrap();
+        let t = build(
+            cpus,
+            CpuSignature {
+                signature: 0x800F12,
+                features: 0x178BFBFF,
+            },
+            0,
+        )
+        .unwrap();
         let count = u16::from_le_bytes([t[16 + 34], t[16 + 35]]);
         assert_eq!(count as u32, cpus + 2 + u32::from(IOAPIC_PINS) + 2);
         let entries = &t[16 + HEADER_LEN..];
@@ -162,7 +197,10 @@ mod tests {
         let ioapic = &entries[cpus as usize * 20 + 8..][..8];
         assert_eq!(ioapic[0], ENTRY_IOAPIC);
         assert_eq!(ioapic[1], cpus as u8);
-        assert_eq!(u32::from_le_bytes(ioapic[4..8].try_into().unwrap()), 0xFEC0_0000);
+        assert_eq!(
+            u32::from_le_bytes(ioapic[4..8].try_into().unwrap()),
+            0xFEC0_0000
+        );
     }
 
     #[test]
@@ -173,7 +211,10 @@ mod tests {
 
     #[test]
     fn rejects_zero_and_too_many() {
-        assert!(matches!(build(0, CpuSignature::default(), 0), Err(BootError::TooManyCpus(0))));
+        assert!(matches!(
+            build(0, CpuSignature::default(), 0),
+            Err(BootError::TooManyCpus(0))
+        ));
         assert!(build(MAX_CPUS + 1, CpuSignature::default(), 0).is_err());
     }
 }

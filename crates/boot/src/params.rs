@@ -143,7 +143,10 @@ mod tests {
             loadflags: 1,
             ..Default::default()
         };
-        let initrd = InitrdPlacement { addr: 0x3000_0000, size: 1234 };
+        let initrd = InitrdPlacement {
+            addr: 0x3000_0000,
+            size: 1234,
+        };
         let p = build_zero_page(Some(header), 42, Some(initrd), &layout.e820());
         let hdr = p.hdr;
         assert_eq!(hdr.type_of_loader, 0xFF);
@@ -153,7 +156,10 @@ mod tests {
         assert_eq!((hdr.ramdisk_image, hdr.ramdisk_size), (0x3000_0000, 1234));
         assert_eq!(p.e820_entries, 5);
         let last = p.e820_table[4];
-        assert_eq!((last.addr, last.size, last.r#type), (1 << 32, 1536 << 20, 1));
+        assert_eq!(
+            (last.addr, last.size, last.r#type),
+            (1 << 32, 1536 << 20, 1)
+        );
     }
 
     #[test]
@@ -170,20 +176,27 @@ mod tests {
         let mem = memory();
         write_cmdline(&mem, "console=ttyS0", 100).unwrap();
         let mut buf = [0xFFu8; 14];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");
         assert!(matches!(
             write_cmdline(&mem, "x".repeat(101).as_str(), 100),
             Err(BootError::CmdlineTooLong { len: 101, max: 100 })
         ));
-        assert!(matches!(write_cmdline(&mem, "a\0b", 100), Err(BootError::CmdlineNul)));
+        assert!(matches!(
+            write_cmdline(&mem, "a\0b", 100),
+            Err(BootError::CmdlineNul)
+        ));
     }
 
     #[test]
     fn pvh_start_info_points_at_its_tables() {
         let mem = memory();
         let layout = MemoryLayout::new(MemSize::from_mib(64)).unwrap();
-        let initrd = InitrdPlacement { addr: 0x200_0000, size: 4096 };
+        let initrd = InitrdPlacement {
+            addr: 0x200_0000,
+            size: 4096,
+        };
         let addr = write_pvh_start_info(&mem, Some(initrd), &layout.e820()).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();
         assert_eq!(info.magic, PVH_MAGIC);

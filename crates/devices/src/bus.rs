@@ -43,7 +43,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(start));
         }
-        let end = start.checked_add(len).ok_or(BusError::Overlap { start, len })?;
+        let end = start
+            .checked_add(len)
+            .ok_or(BusError::Overlap { start, len })?;
         if self
             .ranges
             .iter()
@@ -57,7 +59,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64) -> Option<(&Range, u64)> {
-        let i = self.ranges.partition_point(|r| r.start <= addr).checked_sub(1)?;
+        let i = self
+            .ranges
+            .partition_point(|r| r.start <= addr)
+            .checked_sub(1)?;
         let r = &self.ranges[i];
         (addr - r.start < r.len).then_some((r, addr - r.start))
     }
@@ -136,7 +141,8 @@ mod tests {
         assert_eq!(data, [0xFF; 4]);
         assert!(!bus.write(0x80, &[1]));
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
+            .unwrap();
         assert!(!bus.read(0x14, &mut data));
         assert!(!bus.read(0x0F, &mut data));
         assert!(!bus.read(u64::MAX, &mut data));
@@ -147,8 +153,20 @@ mod tests {
         let mut bus = Bus::new();
         let dev = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev(), 0x100, 0x10).unwrap();
-        assert_eq!(bus.insert(dev(), 0x10F, 1), Err(BusError::Overlap { start: 0x10F, len: 1 }));
-        assert_eq!(bus.insert(dev(), 0xF8, 0x9), Err(BusError::Overlap { start: 0xF8, len: 9 }));
+        assert_eq!(
+            bus.insert(dev(), 0x10F, 1),
+            Err(BusError::Overlap {
+                start: 0x10F,
+                len: 1
+            })
+        );
+        assert_eq!(
+            bus.insert(dev(), 0xF8, 0x9),
+            Err(BusError::Overlap {
+                start: 0xF8,
+                len: 9
+            })
+        );
         assert!(bus.insert(dev(), 0xF8, 0x8).is_ok());
         assert!(bus.insert(dev(), 0x110, 1).is_ok());
         assert_eq!(bus.insert(dev(), 0x200, 0), Err(BusError::Empty(0x200)));

@@ -92,14 +92,17 @@ impl CpuProfile {
                         e.edx &= !EDX_HTT;
                     }
                 }
-                LEAF_CACHE_INTEL if vendor == Vendor::Intel => {
-                    if e.eax & 0x1F != 0 {
-                        let level = (e.eax >> 5) & 0x7;
-                        // L1/L2 are private to a core; L3 is shared by the package.
-                        let sharing = if level >= 3 { n.next_power_of_two() - 1 } else { 0 };
-                        let cores = (n.next_power_of_two() - 1).min(63);
-                        e.eax = (e.eax & 0x3FFF) | (sharing.min(0xFFF) << 14) | (cores << 26);
-                    }
+                // Subleaves with cache type 0 mark the end of the list and stay as they are.
+                LEAF_CACHE_INTEL if vendor == Vendor::Intel && e.eax & 0x1F != 0 => {
+                    let level = (e.eax >> 5) & 0x7;
+                    // L1/L2 are private to a core; L3 is shared by the package.
+                    let sharing = if level >= 3 {
+                        n.next_power_of_two() - 1
+                    } else {
+                        0
+                    };
+                    let cores = (n.next_power_of_two() - 1).min(63);
+                    e.eax = (e.eax & 0x3FFF) | (sharing.min(0xFFF) << 14) | (cores << 26);
                 }
                 LEAF_PMU => {
                     e.eax = 0;
@@ -214,7 +217,11 @@ mod tests {
             .unwrap()
     }
 
-    const PROFILE4: CpuProfile = CpuProfile { vcpus: 4, nested: false, tsc_deadline: true };
+    const PROFILE4: CpuProfile = CpuProfile {
+        vcpus: 4,
+        nested: false,
+        tsc_deadline: true,
+    };
 
     #[test]
     fn vendor_is_read_from_leaf_zero() {
@@ -241,7 +248,11 @@ mod tests {
     #[test]
     fn single_cpu_has_no_htt() {
         let mut e = host(b"GenuineIntel");
-        CpuProfile { vcpus: 1, ..PROFILE4 }.apply(&mut e, 0);
+        CpuProfile {
+            vcpus: 1,
+            ..PROFILE4
+        }
+        .apply(&mut e, 0);
         assert_eq!(find(&e, 1, 0).edx & EDX_HTT, 0);
         assert_eq!((find(&e, 1, 0).ebx >> 16) & 0xFF, 1);
     }
@@ -253,7 +264,11 @@ mod tests {
         assert_eq!(find(&e, 0x8000_0001, 0).ecx & EXT_ECX_SVM, 0);
         assert_eq!(find(&e, 0x8000_000A, 0).edx, 0);
         let mut e = host(b"AuthenticAMD");
-        CpuProfile { nested: true, ..PROFILE4 }.apply(&mut e, 0);
+        CpuProfile {
+            nested: true,
+            ..PROFILE4
+        }
+        .apply(&mut e, 0);
         assert_ne!(find(&e, 0x8000_0001, 0).ecx & EXT_ECX_SVM, 0);
         assert_ne!(find(&e, 1, 0).ecx & ECX_VMX, 0);
         assert_eq!(find(&e, 0x8000_000A, 0).edx, 0x1BFBFF);
@@ -272,7 +287,11 @@ mod tests {
     #[test]
     fn non_power_of_two_counts_round_the_id_width_up() {
         let mut e = host(b"GenuineIntel");
-        CpuProfile { vcpus: 5, ..PROFILE4 }.apply(&mut e, 4);
+        CpuProfile {
+            vcpus: 5,
+            ..PROFILE4
+        }
+        .apply(&mut e, 4);
         assert_eq!(find(&e, 0xB, 1).eax, 3);
         assert_eq!(find(&e, 0xB, 1).ebx, 5);
         assert_eq!((find(&e, 1, 0).ebx >> 16) & 0xFF, 8);

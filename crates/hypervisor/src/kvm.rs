@@ -38,7 +38,9 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
-    #[error("KVM is not usable: {path} is not KVM (API version {version}, expected {KVM_API_VERSION})")]
+    #[error(
+        "KVM is not usable: {path} is not KVM (API version {version}, expected {KVM_API_VERSION})"
+    )]
     ApiVersion { path: PathBuf, version: i32 },
     #[error("KVM is not usable: it lacks {name} ({purpose}); vmon needs a Linux 5.x or newer host kernel")]
     MissingCapability { name: String, purpose: &'static str },

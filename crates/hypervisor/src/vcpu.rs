@@ -1,8 +1,8 @@
 //! One vCPU: boot configuration, fault diagnosis and its saved state.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -111,7 +111,10 @@ impl Vcpu {
             what: "building the MSR list",
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
-        let set = self.fd.set_msrs(&msrs).map_err(self.ioctl("KVM_SET_MSRS"))?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.ioctl("KVM_SET_MSRS"))?;
         if set != entries.len() {
             return Err(VcpuError::MsrRefused {
                 index: self.index,
@@ -144,7 +147,9 @@ impl Vcpu {
             rbx: boot.rbx,
             ..Default::default()
         };
-        self.fd.set_regs(&regs).map_err(self.ioctl("KVM_SET_REGS"))?;
+        self.fd
+            .set_regs(&regs)
+            .map_err(self.ioctl("KVM_SET_REGS"))?;
 
         let mut sregs = self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?;
         let data = kvm_segment_from(&boot.data);
@@ -368,17 +373,16 @@ impl Persist for Vcpu {
         match &state.xsave {
             // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU with the same CPUID, so
             // its size matches what KVM_SET_XSAVE reads.
-            Some(xsave) => unsafe { vcpu.fd.set_xsave(xsave) }
-                .map_err(vcpu.ioctl("KVM_SET_XSAVE"))?,
+            Some(xsave) => {
+                unsafe { vcpu.fd.set_xsave(xsave) }.map_err(vcpu.ioctl("KVM_SET_XSAVE"))?
+            }
             None => vcpu
                 .fd
                 .set_fpu(&state.fpu.to_kvm())
                 .map_err(vcpu.ioctl("KVM_SET_FPU"))?,
         }
         if let Some(xcrs) = &state.xcrs {
-            vcpu.fd
-                .set_xcrs(xcrs)
-                .map_err(vcpu.ioctl("KVM_SET_XCRS"))?;
+            vcpu.fd.set_xcrs(xcrs).map_err(vcpu.ioctl("KVM_SET_XCRS"))?;
         }
         vcpu.set_msrs(&state.msrs)?;
         vcpu.fd
@@ -406,7 +410,9 @@ mod tests {
             lapic.regs[APIC_LVT_LINT0 + i] = *b as _;
         }
         set_lvt_delivery(&mut lapic, APIC_LVT_LINT0, APIC_DELIVERY_EXTINT);
-        let v = u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[APIC_LVT_LINT0 + i] as u8));
+        let v = u32::from_le_bytes(std::array::from_fn(|i| {
+            lapic.regs[APIC_LVT_LINT0 + i] as u8
+        }));
         assert_eq!(v, 0x0001_0731);
     }
 
@@ -431,7 +437,10 @@ mod tests {
     fn segments_convert_with_unusable_for_null() {
         let code = vmon_boot::gdt::BootGdt::long_mode().segment(1);
         let k = kvm_segment_from(&code);
-        assert_eq!((k.selector, k.l, k.unusable, k.limit), (8, 1, 0, 0xFFFF_FFFF));
+        assert_eq!(
+            (k.selector, k.l, k.unusable, k.limit),
+            (8, 1, 0, 0xFFFF_FFFF)
+        );
         assert_eq!(kvm_segment_from(&Segment::default()).unusable, 1);
     }
 }

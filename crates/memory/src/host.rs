@@ -54,7 +54,13 @@ mod tests {
 
     #[test]
     fn missing_swap_is_zero_and_missing_total_is_unknown() {
-        assert_eq!(HostMemory::parse("MemTotal: 1024 kB\n").unwrap().swap.bytes(), 0);
+        assert_eq!(
+            HostMemory::parse("MemTotal: 1024 kB\n")
+                .unwrap()
+                .swap
+                .bytes(),
+            0
+        );
         assert_eq!(HostMemory::parse("MemFree: 1 kB\n"), None);
         assert_eq!(HostMemory::parse("MemTotal: lots kB\n"), None);
     }

@@ -47,7 +47,9 @@ pub enum LayoutError {
     TooSmall(MemSize),
     #[error("{0} is not a whole number of 4 KiB pages")]
     NotPageAligned(MemSize),
-    #[error("{size} is more than this host can map: guest-physical addresses end at {phys_bits} bits")]
+    #[error(
+        "{size} is more than this host can map: guest-physical addresses end at {phys_bits} bits"
+    )]
     BeyondPhysicalLimit { size: MemSize, phys_bits: u8 },
 }
 
@@ -64,7 +66,7 @@ impl MemoryLayout {
         if total < MIN_MEMORY {
             return Err(LayoutError::TooSmall(total));
         }
-        if total.bytes() % PAGE_SIZE != 0 {
+        if !total.bytes().is_multiple_of(PAGE_SIZE) {
             return Err(LayoutError::NotPageAligned(total));
         }
         let low_end = total.bytes().min(MMIO_HOLE_START);
@@ -149,11 +151,24 @@ mod tests {
         let layout = MemoryLayout::new(MemSize::from_mib(256)).unwrap();
         let map = layout.e820();
         assert_eq!(map.len(), 4);
-        assert_eq!(map[3], E820Entry { addr: 0x10_0000, size: 255 * MIB, kind: E820Kind::Ram });
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 0x10_0000,
+                size: 255 * MIB,
+                kind: E820Kind::Ram
+            }
+        );
         assert_eq!(layout.end(), 256 * MIB);
         // The 384 KiB of legacy holes are not RAM.
-        assert_eq!(ram_total(&map), 256 * MIB - (HIGH_MEMORY_START - EBDA_START));
-        assert_eq!(layout.ram_ranges().collect::<Vec<_>>(), vec![(0, 256 * MIB)]);
+        assert_eq!(
+            ram_total(&map),
+            256 * MIB - (HIGH_MEMORY_START - EBDA_START)
+        );
+        assert_eq!(
+            layout.ram_ranges().collect::<Vec<_>>(),
+            vec![(0, 256 * MIB)]
+        );
     }
 
     #[test]
@@ -162,7 +177,14 @@ mod tests {
         let map = layout.e820();
         assert_eq!(map.len(), 5);
         assert_eq!(map[3].addr + map[3].size, MMIO_HOLE_START);
-        assert_eq!(map[4], E820Entry { addr: 1 << 32, size: 1536 * MIB, kind: E820Kind::Ram });
+        assert_eq!(
+            map[4],
+            E820Entry {
+                addr: 1 << 32,
+                size: 1536 * MIB,
+                kind: E820Kind::Ram
+            }
+        );
         assert_eq!(
             layout.ram_ranges().collect::<Vec<_>>(),
             vec![(0, 3072 * MIB), (1 << 32, 1536 * MIB)]
@@ -182,7 +204,10 @@ mod tests {
         for mib in [32, 100, 3071, 3072, 3073, 65536] {
             let map = MemoryLayout::new(MemSize::from_mib(mib)).unwrap().e820();
             for pair in map.windows(2) {
-                assert!(pair[0].addr + pair[0].size <= pair[1].addr, "{mib}: {pair:?}");
+                assert!(
+                    pair[0].addr + pair[0].size <= pair[1].addr,
+                    "{mib}: {pair:?}"
+                );
             }
             for e in &map {
                 let overlaps_hole = e.addr < MMIO_HOLE_END && e.addr + e.size > MMIO_HOLE_START;
@@ -199,7 +224,9 @@ mod tests {
         );
         assert_eq!(
             MemoryLayout::new(MemSize::from_bytes(64 * MIB + 1)),
-            Err(LayoutError::NotPageAligned(MemSize::from_bytes(64 * MIB + 1)))
+            Err(LayoutError::NotPageAligned(MemSize::from_bytes(
+                64 * MIB + 1
+            )))
         );
         let huge = MemoryLayout::new(MemSize::from_bytes(1 << 40)).unwrap();
         assert!(huge.check_physical_limit(40).is_err());

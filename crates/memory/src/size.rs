@@ -100,13 +100,13 @@ impl FromStr for MemSize {
 impl fmt::Display for MemSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b >= TIB && b % TIB == 0 {
+        if b >= TIB && b.is_multiple_of(TIB) {
             write!(f, "{} TiB", b / TIB)
-        } else if b >= GIB && b % GIB == 0 {
+        } else if b >= GIB && b.is_multiple_of(GIB) {
             write!(f, "{} GiB", b / GIB)
-        } else if b >= MIB && b % MIB == 0 {
+        } else if b >= MIB && b.is_multiple_of(MIB) {
             write!(f, "{} MiB", b / MIB)
-        } else if b >= KIB && b % KIB == 0 {
+        } else if b >= KIB && b.is_multiple_of(KIB) {
             write!(f, "{} KiB", b / KIB)
         } else {
             write!(f, "{b} bytes")

@@ -122,7 +122,10 @@ impl VmmError {
         use exit_codes::*;
         match self {
             VmmError::Kvm(_) => KVM_UNAVAILABLE,
-            VmmError::Layout(_) | VmmError::MoreThanHost { .. } | VmmError::NoCpus(_) | VmmError::TooManyCpus { .. } => USAGE,
+            VmmError::Layout(_)
+            | VmmError::MoreThanHost { .. }
+            | VmmError::NoCpus(_)
+            | VmmError::TooManyCpus { .. } => USAGE,
             VmmError::MapMemory(_) | VmmError::Host { .. } => HOST_RESOURCES,
             VmmError::Boot(e) => match e {
                 BootError::Read { source, .. }
@@ -131,12 +134,12 @@ impl VmmError {
                 {
                     NO_INPUT
                 }
-                BootError::Read { .. } | BootError::BadKernel { .. } | BootError::BadInitrd { .. } => {
-                    BAD_IMAGE
-                }
-                BootError::CmdlineTooLong { .. } | BootError::CmdlineNul | BootError::TooManyCpus(_) => {
-                    USAGE
-                }
+                BootError::Read { .. }
+                | BootError::BadKernel { .. }
+                | BootError::BadInitrd { .. } => BAD_IMAGE,
+                BootError::CmdlineTooLong { .. }
+                | BootError::CmdlineNul
+                | BootError::TooManyCpus(_) => USAGE,
                 BootError::GuestMemory(_) => USAGE,
             },
             VmmError::Vm(_) | VmmError::Vcpu(_) | VmmError::Devices(_) => VMM_FAULT,
@@ -156,10 +159,20 @@ mod tests {
         assert_eq!(VmOutcome::Panic.exit_code(), 76);
         assert_eq!(VmOutcome::TripleFault(String::new()).exit_code(), 76);
         assert_eq!(VmOutcome::Fault(String::new()).exit_code(), 70);
-        assert_eq!(VmOutcome::Stopped { signal: libc::SIGTERM }.exit_code(), 143);
+        assert_eq!(
+            VmOutcome::Stopped {
+                signal: libc::SIGTERM
+            }
+            .exit_code(),
+            143
+        );
         assert_eq!(VmOutcome::Reboot.message(), None);
         assert_eq!(
-            VmOutcome::Stopped { signal: libc::SIGINT }.message().unwrap(),
+            VmOutcome::Stopped {
+                signal: libc::SIGINT
+            }
+            .message()
+            .unwrap(),
             "VM stopped by SIGINT"
         );
     }
@@ -172,12 +185,18 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
         assert_eq!(missing.exit_code(), exit_codes::NO_INPUT);
-        assert_eq!(missing.to_string(), "cannot read kernel '/nope': entity not found");
+        assert_eq!(
+            missing.to_string(),
+            "cannot read kernel '/nope': entity not found"
+        );
         let bad = VmmError::Boot(BootError::BadKernel {
             path: "/x".into(),
             reason: "not a bzImage or ELF".into(),
         });
         assert_eq!(bad.exit_code(), exit_codes::BAD_IMAGE);
-        assert_eq!(bad.to_string(), "cannot load kernel '/x': not a bzImage or ELF");
+        assert_eq!(
+            bad.to_string(),
+            "cannot load kernel '/x': not a bzImage or ELF"
+        );
     }
 }

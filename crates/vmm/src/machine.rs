@@ -87,8 +87,7 @@ impl Machine {
             });
         }
         layout.check_physical_limit(hypervisor.guest_phys_bits())?;
-        let memory =
-            create_guest_memory(&layout).map_err(VmmError::MapMemory)?;
+        let memory = create_guest_memory(&layout).map_err(VmmError::MapMemory)?;
         let vm = Vm::create(&hypervisor, &memory)?;
 
         let supported = hypervisor.supported_cpuid();
@@ -134,7 +133,11 @@ impl Machine {
         // One device spans 0x60..=0x64 so the data and command ports share state.
         add(Arc::new(Mutex::new(i8042)), legacy::I8042_DATA, 5)?;
         add(Arc::new(Mutex::new(Rtc::default())), legacy::RTC_PORT, 2)?;
-        add(Arc::new(Mutex::new(ExitPort::new(stop.clone()))), EXIT_PORT, 1)?;
+        add(
+            Arc::new(Mutex::new(ExitPort::new(stop.clone()))),
+            EXIT_PORT,
+            1,
+        )?;
 
         let profile = CpuProfile {
             vcpus: config.cpus,
@@ -243,7 +246,9 @@ impl Machine {
             if fds[1].revents != 0 {
                 let _ = self.stop.eventfd().read();
                 match self.stop.pending() {
-                    Some(GuestStop::ExitStatus(status)) => return Ok(VmOutcome::ExitStatus(status)),
+                    Some(GuestStop::ExitStatus(status)) => {
+                        return Ok(VmOutcome::ExitStatus(status))
+                    }
                     Some(GuestStop::Reboot) => return Ok(self.classify_reboot()),
                     None => {}
                 }
@@ -289,7 +294,10 @@ impl Machine {
 
     /// A reboot after `reboot=panic_warm` set the BIOS warm-reset flag is a kernel panic.
     fn classify_reboot(&self) -> VmOutcome {
-        match self.memory.read_obj::<u16>(GuestAddress(RESET_FLAG_ADDRESS)) {
+        match self
+            .memory
+            .read_obj::<u16>(GuestAddress(RESET_FLAG_ADDRESS))
+        {
             Ok(RESET_FLAG_WARM) => VmOutcome::Panic,
             _ => VmOutcome::Reboot,
         }

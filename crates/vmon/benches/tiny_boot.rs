@@ -26,7 +26,14 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -80,22 +87,47 @@ fn main() {
 
     let vmon = || {
         let mut c = Command::new(VMON);
-        c.args(["run", "--kernel", &image, "--memory", "128M", "--cmdline", ""]);
+        c.args([
+            "run",
+            "--kernel",
+            &image,
+            "--memory",
+            "128M",
+            "--cmdline",
+            "",
+        ]);
         c
     };
     let qemu = || {
         let mut c = Command::new("qemu-system-x86_64");
         c.args([
-            "-M", "microvm", "-enable-kvm", "-cpu", QEMU_CPU, "-m", "128M", "-nodefaults",
-            "-no-user-config", "-display", "none", "-monitor", "none", "-serial", "stdio",
-            "-kernel", &image,
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-cpu",
+            QEMU_CPU,
+            "-m",
+            "128M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+            &image,
         ]);
         c
     };
 
     println!("tiny guest (PVH ELF, prints then halts), {runs} runs each, medians:");
     let mut results = Vec::new();
-    for (name, make) in [("vmon", &vmon as &dyn Fn() -> Command), ("qemu microvm", &qemu)] {
+    for (name, make) in [
+        ("vmon", &vmon as &dyn Fn() -> Command),
+        ("qemu microvm", &qemu),
+    ] {
         let samples: Vec<Sample> = (0..runs).filter_map(|_| measure(make())).collect();
         if samples.is_empty() {
             println!("  {name:<13} did not start (is it installed? does /dev/kvm work?)");

@@ -77,7 +77,11 @@ fn parse_cpu_options(text: &str) -> Result<CpuOptions, String> {
             Some(("nested", "on")) => opts.nested = true,
             Some(("nested", "off")) => opts.nested = false,
             Some(("nested", v)) => return Err(format!("nested={v}: use on or off")),
-            _ => return Err(format!("unknown CPU option '{item}' (known: nested=on|off)")),
+            _ => {
+                return Err(format!(
+                    "unknown CPU option '{item}' (known: nested=on|off)"
+                ))
+            }
         }
     }
     Ok(opts)
@@ -235,9 +239,15 @@ mod tests {
         let line = guest_cmdline(None, &cmd, false);
         assert!(line.starts_with("console=ttyS1 "), "{line}");
         let encoded = base64::encode(b"sh -c 'exit 7'");
-        assert!(line.ends_with(&format!(" vmon.cmd={encoded} vmon.tty=0")), "{line}");
+        assert!(
+            line.ends_with(&format!(" vmon.cmd={encoded} vmon.tty=0")),
+            "{line}"
+        );
         assert!(guest_cmdline(None, &[], true).starts_with("console=ttyS0 "));
-        assert_eq!(guest_cmdline(Some("root=/dev/vda"), &[], false), "root=/dev/vda");
+        assert_eq!(
+            guest_cmdline(Some("root=/dev/vda"), &[], false),
+            "root=/dev/vda"
+        );
     }
 
     #[test]

@@ -44,7 +44,9 @@ fn kernel_that_is_not_bzimage_or_elf() {
     let path = dir.file("x", b"#!/bin/sh\necho this is not a kernel\n");
     let out = run_vmon(&["run", "--kernel", path.to_str().unwrap()], T);
     out.assert_one_line_error(65, "not a bzImage or ELF");
-    assert!(out.stderr.contains(&format!("cannot load kernel '{}'", path.display())));
+    assert!(out
+        .stderr
+        .contains(&format!("cannot load kernel '{}'", path.display())));
 }
 
 #[test]
@@ -75,7 +77,13 @@ fn missing_initrd() {
     let dir = Scratch::new("noinitrd");
     let kernel = dir.file("bzImage", &plausible_bzimage());
     let out = run_vmon(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--initrd", "/nonexistent/initrd.img"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd.img",
+        ],
         T,
     );
     out.assert_one_line_error(66, "cannot read initrd '/nonexistent/initrd.img'");
@@ -94,7 +102,16 @@ fn too_many_cpus() {
     }
     let dir = Scratch::new("cpus");
     let kernel = dir.file("k", &plausible_bzimage());
-    let out = run_vmon(&["run", "--kernel", kernel.to_str().unwrap(), "--cpus", "100000"], T);
+    let out = run_vmon(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cpus",
+            "100000",
+        ],
+        T,
+    );
     out.assert_one_line_error(64, "--cpus 100000");
 }
 
@@ -125,7 +142,16 @@ fn memory_larger_than_the_host_can_map() {
     }
     let dir = Scratch::new("hugemem");
     let kernel = dir.file("k", &plausible_bzimage());
-    let out = run_vmon(&["run", "--kernel", kernel.to_str().unwrap(), "--memory", "1000T"], T);
+    let out = run_vmon(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "1000T",
+        ],
+        T,
+    );
     out.assert_one_line_error(64, "--memory 1000 TiB is more than this host can map");
 }
 

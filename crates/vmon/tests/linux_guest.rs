@@ -15,7 +15,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 fn linux_tier(test: &str) -> bool {
     if std::env::var("VMON_LINUX_TIER").as_deref() == Ok("1") {
         assert!(
-            std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok(),
             "{test}: VMON_LINUX_TIER=1 but /dev/kvm cannot be opened"
         );
         return true;
@@ -74,13 +78,22 @@ fn one_vcpu_256m() {
     if !linux_tier("one_vcpu_256m") {
         return;
     }
-    let out = guest(&["run", "--cpus", "1", "--memory", "256M", "--", "sh", "-c", REPORT]);
+    let out = guest(&[
+        "run", "--cpus", "1", "--memory", "256M", "--", "sh", "-c", REPORT,
+    ]);
     assert_eq!(out.code(), 0);
     assert_eq!(field(&out, "cpus"), "1");
     let kib: u64 = field(&out, "memtotal_kib").parse().unwrap();
     // MemTotal is RAM minus what the kernel reserves for itself (its image, page tables).
-    assert!((180 * 1024..256 * 1024).contains(&kib), "MemTotal {kib} KiB for 256 MiB");
-    assert_eq!(field(&out, "virt_flags"), "0", "VMX/SVM must be hidden by default");
+    assert!(
+        (180 * 1024..256 * 1024).contains(&kib),
+        "MemTotal {kib} KiB for 256 MiB"
+    );
+    assert_eq!(
+        field(&out, "virt_flags"),
+        "0",
+        "VMX/SVM must be hidden by default"
+    );
     assert_eq!(field(&out, "year"), host_year());
     assert_eq!(field(&out, "e820_ram"), "2");
 }
@@ -91,11 +104,16 @@ fn four_vcpus_4608m_split_around_the_hole_and_exit_status_7() {
         return;
     }
     let script = format!("{REPORT} exit 7");
-    let out = guest(&["run", "--cpus", "4", "--memory", "4608M", "--", "sh", "-c", &script]);
+    let out = guest(&[
+        "run", "--cpus", "4", "--memory", "4608M", "--", "sh", "-c", &script,
+    ]);
     assert_eq!(out.code(), 7);
     assert_eq!(field(&out, "cpus"), "4");
     let kib: u64 = field(&out, "memtotal_kib").parse().unwrap();
-    assert!((4200 * 1024..4608 * 1024).contains(&kib), "MemTotal {kib} KiB for 4608 MiB");
+    assert!(
+        (4200 * 1024..4608 * 1024).contains(&kib),
+        "MemTotal {kib} KiB for 4608 MiB"
+    );
     // Low RAM, and RAM above 4 GiB: the guest sees both sides of the MMIO hole.
     assert_eq!(field(&out, "e820_ram"), "3");
     assert_eq!(field(&out, "virt_flags"), "0");
@@ -106,10 +124,19 @@ fn command_stdout_is_exactly_vmons_stdout() {
     if !linux_tier("command_stdout_is_exactly_vmons_stdout") {
         return;
     }
-    let out = guest(&["run", "--", "sh", "-c", "echo out; echo err >&2; seq 1 2000 | tail -n 1"]);
+    let out = guest(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; seq 1 2000 | tail -n 1",
+    ]);
     assert_eq!(out.code(), 0);
     assert_eq!(out.stdout, "out\n2000\n");
-    assert!(out.stderr.contains("err\n"), "guest stderr goes to vmon's stderr");
+    assert!(
+        out.stderr.contains("err\n"),
+        "guest stderr goes to vmon's stderr"
+    );
 }
 
 #[test]
@@ -128,7 +155,11 @@ fn guest_panic_is_a_crash() {
     }
     let out = guest(&["run", "--", "sh", "-c", "echo c > /proc/sysrq-trigger"]);
     assert_eq!(out.code(), 76);
-    assert!(out.stderr.contains("vmon: guest crashed: kernel panic"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("vmon: guest crashed: kernel panic"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -136,7 +167,20 @@ fn nested_on_exposes_virtualisation() {
     if !linux_tier("nested_on_exposes_virtualisation") {
         return;
     }
-    let out = guest(&["run", "--cpu", "nested=on", "--", "grep", "-cwE", "vmx|svm", "/proc/cpuinfo"]);
-    assert_eq!(out.code(), 0, "the host CPU offers VMX/SVM to vmon, so the guest must see it");
+    let out = guest(&[
+        "run",
+        "--cpu",
+        "nested=on",
+        "--",
+        "grep",
+        "-cwE",
+        "vmx|svm",
+        "/proc/cpuinfo",
+    ]);
+    assert_eq!(
+        out.code(),
+        0,
+        "the host CPU offers VMX/SVM to vmon, so the guest must see it"
+    );
     assert_ne!(out.stdout.trim(), "0");
 }

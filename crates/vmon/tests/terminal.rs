@@ -36,12 +36,18 @@ fn termios(fd: &OwnedFd) -> libc::termios {
 }
 
 fn same(a: &libc::termios, b: &libc::termios) -> bool {
-    a.c_iflag == b.c_iflag && a.c_oflag == b.c_oflag && a.c_lflag == b.c_lflag && a.c_cflag == b.c_cflag
+    a.c_iflag == b.c_iflag
+        && a.c_oflag == b.c_oflag
+        && a.c_lflag == b.c_lflag
+        && a.c_cflag == b.c_cflag
 }
 
 /// Runs vmon with a pty as stdin; `during` is called once the guest has printed its first
 /// line, with the child's pid. Returns the exit code.
-fn run_on_pty(args: &[&str], mut during: impl FnMut(u32, &OwnedFd)) -> (i32, libc::termios, libc::termios) {
+fn run_on_pty(
+    args: &[&str],
+    mut during: impl FnMut(u32, &OwnedFd),
+) -> (i32, libc::termios, libc::termios) {
     let (_master, slave) = openpty();
     let before = termios(&slave);
     let mut child = Command::new(VMON)
@@ -72,10 +78,19 @@ fn raw_while_running_restored_after_a_signal() {
         return;
     }
     let dir = Scratch::new("pty-signal");
-    let kernel = dir.file("g", &tg::elf64(&tg::print_then_spin(b"up\n"), tg::DEFAULT_LOAD_ADDR));
+    let kernel = dir.file(
+        "g",
+        &tg::elf64(&tg::print_then_spin(b"up\n"), tg::DEFAULT_LOAD_ADDR),
+    );
     let mut raw_seen = false;
     let (code, before, after) = run_on_pty(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64M",
+        ],
         |pid, slave| {
             let now = termios(slave);
             raw_seen = now.c_lflag & libc::ICANON == 0 && now.c_lflag & libc::ECHO == 0;
@@ -83,7 +98,10 @@ fn raw_while_running_restored_after_a_signal() {
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         },
     );
-    assert!(raw_seen, "the terminal was not in raw mode while the guest ran");
+    assert!(
+        raw_seen,
+        "the terminal was not in raw mode while the guest ran"
+    );
     assert_eq!(code, 143);
     assert!(same(&before, &after), "terminal not restored after SIGTERM");
 }
@@ -95,16 +113,31 @@ fn restored_after_guest_exit_and_crash() {
     }
     let dir = Scratch::new("pty-exit");
     for (image, expected) in [
-        (tg::elf64(&tg::serial_print_then_exit(b"bye\n", 3), tg::DEFAULT_LOAD_ADDR), 3),
+        (
+            tg::elf64(
+                &tg::serial_print_then_exit(b"bye\n", 3),
+                tg::DEFAULT_LOAD_ADDR,
+            ),
+            3,
+        ),
         (tg::elf64(&tg::triple_fault(), tg::DEFAULT_LOAD_ADDR), 76),
     ] {
         let kernel = dir.file("g", &image);
         let (code, before, after) = run_on_pty(
-            &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M"],
+            &[
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--memory",
+                "64M",
+            ],
             |_, _| {},
         );
         assert_eq!(code, expected);
-        assert!(same(&before, &after), "terminal not restored (exit {expected})");
+        assert!(
+            same(&before, &after),
+            "terminal not restored (exit {expected})"
+        );
     }
 }
 
@@ -121,11 +154,20 @@ fn console_escape_quits() {
         return;
     }
     let dir = Scratch::new("pty-escape");
-    let kernel = dir.file("g", &tg::elf64(&tg::print_then_spin(b"up\n"), tg::DEFAULT_LOAD_ADDR));
+    let kernel = dir.file(
+        "g",
+        &tg::elf64(&tg::print_then_spin(b"up\n"), tg::DEFAULT_LOAD_ADDR),
+    );
     let (master, slave) = openpty();
     let before = termios(&slave);
     let mut child = Command::new(VMON)
-        .args(["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64M",
+        ])
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -39,7 +39,10 @@ fn serial_output_reaches_stdout_and_exit_status_is_passed_through() {
     for status in [0u8, 7, 255] {
         let out = boot(
             "hello",
-            &tg::elf64(&tg::serial_print_then_exit(b"hello from the guest\n", status), tg::DEFAULT_LOAD_ADDR),
+            &tg::elf64(
+                &tg::serial_print_then_exit(b"hello from the guest\n", status),
+                tg::DEFAULT_LOAD_ADDR,
+            ),
             &[],
         );
         assert_eq!(out.stdout, "hello from the guest\n");
@@ -52,10 +55,24 @@ fn serial_output_reaches_stdout_and_exit_status_is_passed_through() {
 fn bzimage_entry_sees_zero_page_cmdline_and_e820() {
     require_kvm!();
     let image = tg::bzimage(&tg::bzimage_check_boot_params());
-    let out = boot("bzimage", &image, &["--cmdline", "console=ttyS0 vmon.test=42"]);
-    assert_eq!(out.code(), 0, "stdout: {} stderr: {}", out.stdout, out.stderr);
+    let out = boot(
+        "bzimage",
+        &image,
+        &["--cmdline", "console=ttyS0 vmon.test=42"],
+    );
+    assert_eq!(
+        out.code(),
+        0,
+        "stdout: {} stderr: {}",
+        out.stdout,
+        out.stderr
+    );
     assert!(out.stdout.contains("hdrs ok"), "{}", out.stdout);
-    assert!(out.stdout.contains("cmdline=console=ttyS0 vmon.test=42\n"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("cmdline=console=ttyS0 vmon.test=42\n"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("e820=04"), "{}", out.stdout);
 }
 
@@ -80,7 +97,11 @@ fn pvh_entry_gets_start_info_in_ebx() {
 #[test]
 fn i8042_reset_ends_the_vm_as_a_reboot() {
     require_kvm!();
-    let out = boot("reset", &tg::elf64(&tg::i8042_reset(), tg::DEFAULT_LOAD_ADDR), &[]);
+    let out = boot(
+        "reset",
+        &tg::elf64(&tg::i8042_reset(), tg::DEFAULT_LOAD_ADDR),
+        &[],
+    );
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert_eq!(out.stderr, "");
 }
@@ -88,14 +109,22 @@ fn i8042_reset_ends_the_vm_as_a_reboot() {
 #[test]
 fn reset_with_the_warm_flag_is_reported_as_a_panic() {
     require_kvm!();
-    let out = boot("panic", &tg::elf64(&tg::warm_reset(), tg::DEFAULT_LOAD_ADDR), &[]);
+    let out = boot(
+        "panic",
+        &tg::elf64(&tg::warm_reset(), tg::DEFAULT_LOAD_ADDR),
+        &[],
+    );
     out.assert_one_line_error(76, "guest crashed: kernel panic");
 }
 
 #[test]
 fn triple_fault_is_a_guest_crash_with_a_diagnosis() {
     require_kvm!();
-    let out = boot("triple", &tg::elf64(&tg::triple_fault(), tg::DEFAULT_LOAD_ADDR), &[]);
+    let out = boot(
+        "triple",
+        &tg::elf64(&tg::triple_fault(), tg::DEFAULT_LOAD_ADDR),
+        &[],
+    );
     out.assert_one_line_error(76, "guest crashed: triple fault");
     // The diagnosis names the vCPU, RIP and the bytes of the faulting instruction (ud2).
     assert!(out.stderr.contains("vCPU 0 at RIP 0x"), "{}", out.stderr);
@@ -105,27 +134,24 @@ fn triple_fault_is_a_guest_crash_with_a_diagnosis() {
 #[test]
 fn legacy_ports_answer_as_a_pc_would() {
     require_kvm!();
-    let out = boot("ports", &tg::elf64(&tg::port_probe(), tg::DEFAULT_LOAD_ADDR), &[]);
+    let out = boot(
+        "ports",
+        &tg::elf64(&tg::port_probe(), tg::DEFAULT_LOAD_ADDR),
+        &[],
+    );
     assert_eq!(out.code(), 0, "{}", out.stderr);
-    let year = {
-        // The RTC reports the host's current year in BCD.
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+    // The RTC reports the host's current year in BCD.
+    let year: u64 = String::from_utf8(
+        Command::new("date")
+            .args(["-u", "+%Y"])
+            .output()
             .unwrap()
-            .as_secs();
-        let days = secs / 86_400;
-        // Good enough for the test: the year of `days` since 1970.
-        let mut y = 1970u64;
-        let mut d = days;
-        loop {
-            let len = if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 { 366 } else { 365 };
-            if d < len {
-                break y;
-            }
-            d -= len;
-            y += 1;
-        }
-    };
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
     let bcd = |v: u64| format!("{:x}", ((v / 10) << 4) | (v % 10));
     let lines: Vec<&str> = out.stdout.lines().collect();
     let value = |label: &str| {
@@ -145,7 +171,11 @@ fn legacy_ports_answer_as_a_pc_would() {
 #[test]
 fn wild_accesses_do_not_hurt_the_vmm() {
     require_kvm!();
-    let out = boot("wild", &tg::elf64(&tg::wild_accesses(), tg::DEFAULT_LOAD_ADDR), &[]);
+    let out = boot(
+        "wild",
+        &tg::elf64(&tg::wild_accesses(), tg::DEFAULT_LOAD_ADDR),
+        &[],
+    );
     assert_eq!(out.code(), 0, "stdout {} stderr {}", out.stdout, out.stderr);
     assert!(out.stdout.ends_with("alive\n"), "{}", out.stdout);
 }
@@ -157,7 +187,13 @@ fn smp_guest_brings_up_every_vcpu() {
         let image = tg::elf64(&tg::smp_hello(cpus), tg::DEFAULT_LOAD_ADDR);
         let n = cpus.to_string();
         let out = boot("smp", &image, &["--cpus", &n]);
-        assert_eq!(out.code(), 0, "{cpus} vCPUs: stdout {} stderr {}", out.stdout, out.stderr);
+        assert_eq!(
+            out.code(),
+            0,
+            "{cpus} vCPUs: stdout {} stderr {}",
+            out.stdout,
+            out.stderr
+        );
         assert_eq!(out.stdout, format!("cpus={cpus}\n"));
     }
 }
@@ -167,9 +203,18 @@ fn console_input_reaches_the_guest() {
     require_kvm!();
     let dir = Scratch::new("echo");
     let input = "typed into the console, longer than the UART's 64-byte receive FIFO so the backlog is exercised\n";
-    let kernel = dir.file("guest", &tg::elf64(&tg::serial_echo(input.len() as u32), tg::DEFAULT_LOAD_ADDR));
+    let kernel = dir.file(
+        "guest",
+        &tg::elf64(&tg::serial_echo(input.len() as u32), tg::DEFAULT_LOAD_ADDR),
+    );
     let mut child = Command::new(VMON)
-        .args(["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64M",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -186,11 +231,25 @@ fn console_input_reaches_the_guest() {
 #[test]
 fn sigterm_and_sigint_stop_the_vm_cleanly() {
     require_kvm!();
-    for (signal, code, name) in [(libc::SIGTERM, 143, "SIGTERM"), (libc::SIGINT, 130, "SIGINT")] {
+    for (signal, code, name) in [
+        (libc::SIGTERM, 143, "SIGTERM"),
+        (libc::SIGINT, 130, "SIGINT"),
+    ] {
         let dir = Scratch::new("sigterm");
-        let kernel = dir.file("guest", &tg::elf64(&tg::print_then_spin(b"spinning\n"), tg::DEFAULT_LOAD_ADDR));
+        let kernel = dir.file(
+            "guest",
+            &tg::elf64(&tg::print_then_spin(b"spinning\n"), tg::DEFAULT_LOAD_ADDR),
+        );
         let mut child = Command::new(VMON)
-            .args(["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--cpus", "2"])
+            .args([
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--memory",
+                "64M",
+                "--cpus",
+                "2",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -208,7 +267,11 @@ fn sigterm_and_sigint_stop_the_vm_cleanly() {
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
         assert_eq!(status.code(), Some(code), "{stderr}");
         assert_eq!(stderr, format!("vmon: VM stopped by {name}\n"));
-        assert!(start.elapsed() < Duration::from_secs(5), "stopping took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "stopping took {:?}",
+            start.elapsed()
+        );
     }
 }
 

@@ -266,7 +266,10 @@ mod tests {
     fn keyboard_acknowledges_and_output_is_bounded() {
         let (mut d, _) = device();
         d.write(0, &[KBD_CMD_RESET]);
-        assert_eq!((read(&mut d, 0), read(&mut d, 0)), (KBD_ACK, KBD_BAT_PASSED));
+        assert_eq!(
+            (read(&mut d, 0), read(&mut d, 0)),
+            (KBD_ACK, KBD_BAT_PASSED)
+        );
         for _ in 0..100 {
             d.write(0, &[KBD_CMD_IDENTIFY]);
         }

@@ -202,9 +202,10 @@ impl Persist for Rtc {
         if state.nvram.len() != 128 || state.index > INDEX_MASK {
             return Err(RtcStateError);
         }
-        let mut rtc = Rtc::default();
-        rtc.state = state.clone();
-        Ok(rtc)
+        Ok(Rtc {
+            state: state.clone(),
+            clock: host_clock,
+        })
     }
 }
 
@@ -230,11 +231,27 @@ mod tests {
     fn civil_date_conversion() {
         assert_eq!(
             DateTime::from_unix(0),
-            DateTime { year: 1970, month: 1, day: 1, hour: 0, minute: 0, second: 0, weekday: 5 }
+            DateTime {
+                year: 1970,
+                month: 1,
+                day: 1,
+                hour: 0,
+                minute: 0,
+                second: 0,
+                weekday: 5
+            }
         );
         assert_eq!(
             DateTime::from_unix(FIXED),
-            DateTime { year: 2026, month: 11, day: 22, hour: 14, minute: 5, second: 9, weekday: 1 }
+            DateTime {
+                year: 2026,
+                month: 11,
+                day: 22,
+                hour: 14,
+                minute: 5,
+                second: 9,
+                weekday: 1
+            }
         );
         // Leap day.
         let d = DateTime::from_unix(951_782_400);
@@ -253,7 +270,11 @@ mod tests {
         assert_eq!(read(&mut r, REG_SECONDS), 0x09);
         assert_eq!(read(&mut r, REG_WEEKDAY), 0x01);
         assert_eq!(read(&mut r, REG_STATUS_D), 0x80);
-        assert_eq!(read(&mut r, REG_STATUS_A) & 0x80, 0, "never update-in-progress");
+        assert_eq!(
+            read(&mut r, REG_STATUS_A) & 0x80,
+            0,
+            "never update-in-progress"
+        );
     }
 
     #[test]

@@ -134,7 +134,10 @@ impl Persist for SerialPort {
         })
     }
 
-    fn restore((irq, out): (EventFd, Output), s: &SerialPortState) -> Result<Self, SerialStateError> {
+    fn restore(
+        (irq, out): (EventFd, Output),
+        s: &SerialPortState,
+    ) -> Result<Self, SerialStateError> {
         let state = SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,

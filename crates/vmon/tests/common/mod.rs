@@ -45,9 +45,18 @@ impl Output {
     pub fn assert_one_line_error(&self, code: i32, needle: &str) {
         assert_eq!(self.code(), code, "exit status; stderr: {}", self.stderr);
         let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "expected one line on stderr, got: {:?}", self.stderr);
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected one line on stderr, got: {:?}",
+            self.stderr
+        );
         assert!(lines[0].starts_with("vmon: "), "{:?}", lines[0]);
-        assert!(lines[0].contains(needle), "{:?} does not mention {needle:?}", lines[0]);
+        assert!(
+            lines[0].contains(needle),
+            "{:?} does not mention {needle:?}",
+            lines[0]
+        );
         assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
         assert!(!self.stderr.contains("RUST_BACKTRACE"), "{}", self.stderr);
     }
