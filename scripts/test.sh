@@ -41,7 +41,7 @@ if linux_tier_direct; then
 elif [ -e /sys/module/kvm_pvm ] || [ "${VMON_FORCE_LAB:-0}" = 1 ]; then
 	# Build the test binary here; the lab runs it against the same tree over 9p.
 	bin=$(cargo test -q -p vmon --test linux_guest --no-run --message-format=json |
-		sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+		grep '"name":"linux_guest"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
 	[ -x "$bin" ] || { say "could not find the linux_guest test binary"; exit 1; }
 	scripts/lab.sh --env VMON_LINUX_TIER=1 --env VMON_KIT -- "$bin" --test-threads=1
 else

@@ -103,7 +103,7 @@ fn four_vcpus_4608m_split_around_the_hole_and_exit_status_7() {
     if !linux_tier("four_vcpus_4608m") {
         return;
     }
-    let script = format!("{REPORT} exit 7");
+    let script = format!("{REPORT}; exit 7");
     let out = guest(&[
         "run", "--cpus", "4", "--memory", "4608M", "--", "sh", "-c", &script,
     ]);
