@@ -11,6 +11,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod lifecycle;
+pub mod pci;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use lifecycle::{GuestStop, StopSignal};

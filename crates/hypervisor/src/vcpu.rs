@@ -21,6 +21,9 @@ const APIC_DELIVERY_NMI: u32 = 0x4;
 /// x87 control word and MXCSR after FNINIT / reset.
 const FPU_CONTROL_WORD: u16 = 0x37F;
 const MXCSR_DEFAULT: u32 = 0x1F80;
+/// Where a vCPU starts after reset: CS base 0xFFFF0000, IP 0xFFF0.
+const RESET_CS_BASE: u64 = 0xFFFF_0000;
+const RESET_RIP: u64 = 0xFFF0;
 /// Longest x86 instruction.
 const MAX_INSTRUCTION_LEN: usize = 15;
 
@@ -181,6 +184,14 @@ impl Vcpu {
             return "registers unavailable".into();
         };
         let cs_base = self.fd.get_sregs().map(|s| s.cs.base).unwrap_or(0);
+        // On AMD, KVM answers a shutdown by resetting the vCPU: what is left is the reset
+        // vector, not the faulting instruction.
+        if cs_base == RESET_CS_BASE && regs.rip == RESET_RIP {
+            return format!(
+                "vCPU {}: state lost, KVM reset the vCPU after the fault",
+                self.index
+            );
+        }
         let linear = cs_base.wrapping_add(regs.rip);
         let bytes = self
             .fd

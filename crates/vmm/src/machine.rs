@@ -18,6 +18,7 @@ use vmon_devices::legacy::i8042::I8042;
 use vmon_devices::legacy::rtc::Rtc;
 use vmon_devices::legacy::serial::{Output, SerialPort};
 use vmon_devices::legacy::{self, COM1, COM2, UART_PORTS};
+use vmon_devices::pci::{self, PciConfigIo};
 use vmon_devices::{Bus, BusDevice, GuestStop, StopSignal};
 use vmon_hypervisor::{CpuProfile, Hypervisor, Vcpu, Vm};
 use vmon_memory::{create_guest_memory, GuestMemory, HostMemory, MemoryLayout};
@@ -137,6 +138,11 @@ impl Machine {
             Arc::new(Mutex::new(ExitPort::new(stop.clone()))),
             EXIT_PORT,
             1,
+        )?;
+        add(
+            Arc::new(Mutex::new(PciConfigIo::new())),
+            pci::CONFIG_ADDRESS_PORT,
+            pci::CONFIG_PORTS,
         )?;
 
         let profile = CpuProfile {
