@@ -12,6 +12,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod acpi;
 pub mod gdt;
 pub mod initrd;
 pub mod kernel;
@@ -92,6 +93,8 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     pub cpus: u32,
     pub cpu_signature: mptable::CpuSignature,
+    /// The power-off registers to describe in ACPI.
+    pub sleep: acpi::SleepRegisters,
 }
 
 /// Loads everything into guest memory and returns the boot vCPU's initial state.
@@ -114,10 +117,11 @@ pub fn prepare<M: GuestMemoryBackend>(
     };
     let e820 = layout.e820();
     mptable::write(mem, spec.cpus, spec.cpu_signature)?;
+    let rsdp = acpi::write(mem, spec.cpus, spec.sleep)?;
 
     let (gdt, mut state) = match kernel.mode {
         EntryMode::Pvh32 => {
-            let start_info = params::write_pvh_start_info(mem, initrd, &e820)?;
+            let start_info = params::write_pvh_start_info(mem, initrd, rsdp, &e820)?;
             let state = BootCpuState {
                 rbx: start_info,
                 cr0: CR0_PE | CR0_ET,

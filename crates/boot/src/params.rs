@@ -87,6 +87,7 @@ pub fn write_zero_page(mem: &impl GuestMemory, params: &boot_params) -> Result<u
 pub fn write_pvh_start_info(
     mem: &impl GuestMemory,
     initrd: Option<InitrdPlacement>,
+    rsdp: u64,
     e820: &[E820Entry],
 ) -> Result<u64, BootError> {
     let info_size = std::mem::size_of::<hvm_start_info>() as u64;
@@ -96,6 +97,7 @@ pub fn write_pvh_start_info(
         magic: PVH_MAGIC,
         version: 1,
         cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: rsdp,
         memmap_paddr: memmap_addr,
         memmap_entries: e820.len() as u32,
         ..Default::default()
@@ -197,11 +199,12 @@ mod tests {
             addr: 0x200_0000,
             size: 4096,
         };
-        let addr = write_pvh_start_info(&mem, Some(initrd), &layout.e820()).unwrap();
+        let addr = write_pvh_start_info(&mem, Some(initrd), 0xE_0000, &layout.e820()).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();
         assert_eq!(info.magic, PVH_MAGIC);
         assert_eq!(info.memmap_entries, 4);
         assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.rsdp_paddr, 0xE_0000);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x200_0000, 4096));
         let last: hvm_memmap_table_entry = mem

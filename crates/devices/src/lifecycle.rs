@@ -12,6 +12,8 @@ pub enum GuestStop {
     Reboot,
     /// The guest wrote an exit status to the vmon exit port.
     ExitStatus(u8),
+    /// The guest powered off through ACPI (S5).
+    PowerOff,
 }
 
 pub struct StopSignal {

@@ -3,8 +3,8 @@
 //! ```text
 //! 0x0000_0000 .. 0x0009_FC00   RAM (real-mode area: GDT, zero page, boot page tables, cmdline)
 //! 0x0009_FC00 .. 0x000A_0000   reserved: EBDA, holds the MP table
-//! 0x000A_0000 .. 0x000F_0000   legacy VGA/ROM hole (not RAM)
-//! 0x000F_0000 .. 0x0010_0000   reserved: BIOS area
+//! 0x000A_0000 .. 0x000E_0000   legacy VGA/option-ROM hole (not RAM)
+//! 0x000E_0000 .. 0x0010_0000   reserved: BIOS area, holds the ACPI tables and MP table
 //! 0x0010_0000 .. low_end       RAM (kernel at 1 MiB, initrd at the top)
 //! 0xC000_0000 .. 0x1_0000_0000 32-bit MMIO hole: IOAPIC, LAPIC, later PCI BARs
 //! 0x1_0000_0000 .. high_end    RAM above 4 GiB, when the guest has more than 3 GiB
@@ -18,7 +18,7 @@ pub const MIN_MEMORY: MemSize = MemSize::from_mib(32);
 
 pub const EBDA_START: u64 = 0x9_FC00;
 pub const VGA_HOLE_START: u64 = 0xA_0000;
-pub const BIOS_START: u64 = 0xF_0000;
+pub const BIOS_START: u64 = 0xE_0000;
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;

@@ -113,6 +113,19 @@ pub fn warm_reset() -> Vec<u8> {
     })
 }
 
+/// Powers off the way an ACPI guest does on a hardware-reduced machine: writes sleep type 5
+/// with SLP_EN (0x34) to the sleep control register at port 0x600, then halts.
+///
+/// Host observes: an ACPI power-off; vmon exits 0 without a message.
+pub fn acpi_poweroff() -> Vec<u8> {
+    build64(|g| {
+        g.a.mov(dx, 0x600u32)?;
+        g.a.mov(al, 0x34u32)?;
+        g.a.out(dx, al)?;
+        g.halt_forever()
+    })
+}
+
 /// Prints `ready\n`, then reads `count` bytes from COM1 (polling LSR.DR) and writes each
 /// back, then exits 0.
 ///

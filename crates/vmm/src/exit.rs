@@ -33,6 +33,8 @@ pub mod exit_codes {
 pub enum VmOutcome {
     /// The guest reported an exit status through the exit port.
     ExitStatus(u8),
+    /// The guest powered off.
+    PowerOff,
     /// The guest rebooted (vmon does not restart it).
     Reboot,
     /// The guest kernel panicked (seen as a reboot flagged "warm" by `reboot=panic_warm`).
@@ -49,7 +51,7 @@ impl VmOutcome {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmOutcome::ExitStatus(status) => i32::from(*status),
-            VmOutcome::Reboot => exit_codes::OK,
+            VmOutcome::PowerOff | VmOutcome::Reboot => exit_codes::OK,
             VmOutcome::Panic | VmOutcome::TripleFault(_) => exit_codes::GUEST_CRASHED,
             VmOutcome::Fault(_) => exit_codes::VMM_FAULT,
             VmOutcome::Stopped { signal } => exit_codes::SIGNAL_BASE + signal,
@@ -59,7 +61,7 @@ impl VmOutcome {
     /// The line to print on stderr, if the outcome deserves one.
     pub fn message(&self) -> Option<String> {
         match self {
-            VmOutcome::ExitStatus(_) | VmOutcome::Reboot => None,
+            VmOutcome::ExitStatus(_) | VmOutcome::PowerOff | VmOutcome::Reboot => None,
             VmOutcome::Panic => Some("guest crashed: kernel panic".into()),
             VmOutcome::TripleFault(at) => Some(format!("guest crashed: triple fault ({at})")),
             VmOutcome::Fault(what) => Some(format!("VM stopped: {what}")),

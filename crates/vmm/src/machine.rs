@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmon_boot::acpi::SleepRegisters;
 use vmon_boot::mptable::{self, CpuSignature};
 use vmon_boot::BootSpec;
 use vmon_devices::bus::lock;
 use vmon_devices::legacy::exit_port::{ExitPort, EXIT_PORT};
 use vmon_devices::legacy::i8042::I8042;
+use vmon_devices::legacy::power::{self, SleepControl};
 use vmon_devices::legacy::rtc::Rtc;
 use vmon_devices::legacy::serial::{Output, SerialPort};
 use vmon_devices::legacy::{self, COM1, COM2, UART_PORTS};
@@ -105,6 +107,11 @@ impl Machine {
                     signature: leaf1.map_or(0, |e| e.eax),
                     features: leaf1.map_or(0, |e| e.edx),
                 },
+                sleep: SleepRegisters {
+                    control_port: power::SLEEP_PORTS.0,
+                    status_port: power::SLEEP_PORTS.0 + 1,
+                    s5_type: power::S5_SLEEP_TYPE,
+                },
             },
         )?;
 
@@ -138,6 +145,11 @@ impl Machine {
             Arc::new(Mutex::new(ExitPort::new(stop.clone()))),
             EXIT_PORT,
             1,
+        )?;
+        add(
+            Arc::new(Mutex::new(SleepControl::new(stop.clone()))),
+            power::SLEEP_PORTS.0,
+            power::SLEEP_PORTS.1,
         )?;
         add(
             Arc::new(Mutex::new(PciConfigIo::new())),
@@ -256,6 +268,7 @@ impl Machine {
                         return Ok(VmOutcome::ExitStatus(status))
                     }
                     Some(GuestStop::Reboot) => return Ok(self.classify_reboot()),
+                    Some(GuestStop::PowerOff) => return Ok(VmOutcome::PowerOff),
                     None => {}
                 }
             }

@@ -122,7 +122,7 @@ pub(crate) fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
                 vcpu.describe_fault(&ctx.memory)
             )),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => VmOutcome::ExitStatus(0),
+                KVM_SYSTEM_EVENT_SHUTDOWN => VmOutcome::PowerOff,
                 KVM_SYSTEM_EVENT_RESET => VmOutcome::Reboot,
                 KVM_SYSTEM_EVENT_CRASH => VmOutcome::Panic,
                 other => VmOutcome::Fault(format!("unexpected KVM system event {other}")),

@@ -13,9 +13,8 @@ use crate::kit;
 
 /// Kernel parameters for every guest vmon boots by default: reboot through the i8042 (which
 /// vmon sees); a panic reboots at once and marks itself with the BIOS warm-reset flag so vmon
-/// can tell a panic from a reboot; no ACPI (vmon describes the machine with an MP table); no
-/// PS/2 mouse port; only errors on the console.
-const BASE_CMDLINE: &str = "reboot=k,panic_warm panic=-1 acpi=off i8042.noaux quiet";
+/// can tell a panic from a reboot; no PS/2 mouse port; only errors on the console.
+const BASE_CMDLINE: &str = "reboot=k,panic_warm panic=-1 i8042.noaux quiet";
 
 #[derive(Parser, Debug)]
 #[command(name = "vmon", version, about = "Run virtual machines on KVM", long_about = None)]

@@ -149,6 +149,17 @@ fn guest_reboot_ends_vmon() {
 }
 
 #[test]
+fn guest_power_off_ends_vmon() {
+    if !linux_tier("guest_power_off_ends_vmon") {
+        return;
+    }
+    // Through ACPI: Linux writes S5 to the FADT's sleep control register.
+    let out = guest(&["run", "--", "poweroff", "-f"]);
+    assert_eq!(out.code(), 0);
+    assert_eq!(out.stdout, "");
+}
+
+#[test]
 fn guest_panic_is_a_crash() {
     if !linux_tier("guest_panic_is_a_crash") {
         return;

@@ -3,6 +3,7 @@
 
 pub mod exit_port;
 pub mod i8042;
+pub mod power;
 pub mod rtc;
 pub mod serial;
 

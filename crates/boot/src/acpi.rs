@@ -1,0 +1,294 @@
+//! ACPI tables for a hardware-reduced ACPI machine: RSDP → XSDT → FADT (→ DSDT) and MADT.
+//!
+//! What the guest learns from them: its CPUs and IOAPIC (MADT, the same facts as the MP
+//! table), that an i8042 and a CMOS RTC exist (FADT boot flags), and how to power off: the
+//! DSDT's `\_S5` sleep type written with SLP_EN to the FADT's sleep control register (an
+//! I/O port vmon handles, see `vmon_devices::legacy::power`). Hardware-reduced ACPI needs
+//! no PM1 blocks, SCI or SMI command port.
+//!
+//! Layout: all tables in the BIOS area below the MP table's region, RSDP first (Linux also
+//! finds it through the zero page's `acpi_rsdp_addr` and PVH's `rsdp_paddr`).
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vmon_memory::layout::{IOAPIC_ADDRESS, LAPIC_ADDRESS};
+
+use crate::BootError;
+
+/// Guest-physical address of the RSDP; the other tables follow it.
+pub const RSDP_START: u64 = 0xE_0000;
+
+/// Where the sleep control/status registers are (ACPI 6 §4.8.3.7, one byte each, in I/O
+/// space) and the sleep type `\_S5` (soft off) announces. The device behind them lives in
+/// vmon-devices; the VMM hands its facts to the tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SleepRegisters {
+    pub control_port: u16,
+    pub status_port: u16,
+    pub s5_type: u8,
+}
+
+const OEM_ID: &[u8; 6] = b"VMON  ";
+const OEM_TABLE_ID: &[u8; 8] = b"VMONVIRT";
+const CREATOR_ID: &[u8; 4] = b"VMON";
+const HEADER_LEN: usize = 36;
+const FADT_LEN: usize = 276;
+const FADT_FLAG_HW_REDUCED: u32 = 1 << 20;
+const BOOT_ARCH_LEGACY_DEVICES: u16 = 1;
+const BOOT_ARCH_8042: u16 = 1 << 1;
+const BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+const MADT_FLAG_PCAT_COMPAT: u32 = 1;
+const GAS_SYSTEM_IO: u8 = 1;
+const GAS_ACCESS_BYTE: u8 = 1;
+const RTC_CENTURY_REGISTER: u8 = 0x32;
+
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b))
+        .wrapping_neg()
+}
+
+/// A System Description Table: the standard header, then `body`; length and checksum are
+/// filled in by [`Sdt::finish`].
+struct Sdt(Vec<u8>);
+
+impl Sdt {
+    fn new(signature: &[u8; 4], revision: u8) -> Self {
+        let mut h = vec![0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(signature);
+        h[8] = revision;
+        h[10..16].copy_from_slice(OEM_ID);
+        h[16..24].copy_from_slice(OEM_TABLE_ID);
+        h[24..28].copy_from_slice(&1u32.to_le_bytes());
+        h[28..32].copy_from_slice(CREATOR_ID);
+        h[32..36].copy_from_slice(&1u32.to_le_bytes());
+        Sdt(h)
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(bytes);
+        self
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let len = self.0.len() as u32;
+        self.0[4..8].copy_from_slice(&len.to_le_bytes());
+        self.0[9] = 0;
+        self.0[9] = checksum(&self.0);
+        self.0
+    }
+}
+
+/// Generic Address Structure for a one-byte I/O port register.
+fn io_port_gas(port: u16) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = GAS_SYSTEM_IO;
+    g[1] = 8;
+    g[3] = GAS_ACCESS_BYTE;
+    g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
+}
+
+/// The DSDT: only `Name (_S5, Package () { 5, 5, 0, 0 })`, encoded in AML by hand (ACPI 6
+/// §20: NameOp, NameString, PackageOp, PkgLength, NumElements, BytePrefix values, ZeroOp).
+fn dsdt(s5_type: u8) -> Vec<u8> {
+    let s5 = [
+        0x08, b'_', b'S', b'5', b'_', // Name(_S5_,
+        0x12, 0x08, 0x04, // Package, length 8 (itself included), 4 elements
+        0x0A, s5_type, 0x0A, s5_type, 0x00, 0x00,
+    ];
+    let mut t = Sdt::new(b"DSDT", 2);
+    t.push(&s5);
+    t.finish()
+}
+
+fn fadt(dsdt_addr: u64, sleep: SleepRegisters) -> Vec<u8> {
+    let mut body = vec![0u8; FADT_LEN - HEADER_LEN];
+    let at = |off: usize| off - HEADER_LEN;
+    body[at(40)..at(44)].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
+    body[at(108)] = RTC_CENTURY_REGISTER;
+    let boot_arch = BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA;
+    body[at(109)..at(111)].copy_from_slice(&boot_arch.to_le_bytes());
+    body[at(112)..at(116)].copy_from_slice(&FADT_FLAG_HW_REDUCED.to_le_bytes());
+    body[at(131)] = 0; // FADT minor version: 6.0
+    body[at(140)..at(148)].copy_from_slice(&dsdt_addr.to_le_bytes());
+    body[at(244)..at(256)].copy_from_slice(&io_port_gas(sleep.control_port));
+    body[at(256)..at(268)].copy_from_slice(&io_port_gas(sleep.status_port));
+    body[at(268)..at(276)].copy_from_slice(b"VMON\0\0\0\0");
+    let mut t = Sdt::new(b"FACP", 6);
+    t.push(&body);
+    t.finish()
+}
+
+fn madt(cpus: u32) -> Vec<u8> {
+    let mut t = Sdt::new(b"APIC", 4);
+    t.push(&(LAPIC_ADDRESS as u32).to_le_bytes())
+        .push(&MADT_FLAG_PCAT_COMPAT.to_le_bytes());
+    for id in 0..cpus as u8 {
+        // Processor Local APIC: UID, APIC ID, enabled.
+        t.push(&[0, 8, id, id, 1, 0, 0, 0]);
+    }
+    // I/O APIC: ID after the last CPU, address, GSI base 0.
+    let mut ioapic = [1u8, 12, cpus as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    ioapic[4..8].copy_from_slice(&(IOAPIC_ADDRESS as u32).to_le_bytes());
+    t.push(&ioapic);
+    // Local APIC NMI on LINT1 of every processor (UID 0xFF), as the MP table says.
+    t.push(&[4, 6, 0xFF, 0, 0, 1]);
+    t.finish()
+}
+
+fn xsdt(entries: &[u64]) -> Vec<u8> {
+    let mut t = Sdt::new(b"XSDT", 1);
+    for e in entries {
+        t.push(&e.to_le_bytes());
+    }
+    t.finish()
+}
+
+fn rsdp(xsdt_addr: u64) -> Vec<u8> {
+    let mut r = vec![0u8; 36];
+    r[0..8].copy_from_slice(b"RSD PTR ");
+    r[9..15].copy_from_slice(OEM_ID);
+    r[15] = 2; // revision: ACPI 2.0+, XSDT
+    r[20..24].copy_from_slice(&36u32.to_le_bytes());
+    r[24..32].copy_from_slice(&xsdt_addr.to_le_bytes());
+    r[8] = checksum(&r[..20]);
+    r[32] = checksum(&r);
+    r
+}
+
+/// All tables, laid out from `base`, with each table 16-byte aligned.
+pub fn build(cpus: u32, sleep: SleepRegisters, base: u64) -> Vec<u8> {
+    let align = |v: usize| v.next_multiple_of(16);
+    let rsdp_len = 36;
+    let dsdt_off = align(rsdp_len);
+    let dsdt = dsdt(sleep.s5_type);
+    let fadt_off = align(dsdt_off + dsdt.len());
+    let fadt = fadt(base + dsdt_off as u64, sleep);
+    let madt_off = align(fadt_off + fadt.len());
+    let madt = madt(cpus);
+    let xsdt_off = align(madt_off + madt.len());
+    let xsdt = xsdt(&[base + fadt_off as u64, base + madt_off as u64]);
+    let mut out = vec![0u8; xsdt_off + xsdt.len()];
+    out[..rsdp_len].copy_from_slice(&rsdp(base + xsdt_off as u64));
+    out[dsdt_off..dsdt_off + dsdt.len()].copy_from_slice(&dsdt);
+    out[fadt_off..fadt_off + fadt.len()].copy_from_slice(&fadt);
+    out[madt_off..madt_off + madt.len()].copy_from_slice(&madt);
+    out[xsdt_off..].copy_from_slice(&xsdt);
+    out
+}
+
+/// Writes the tables for `cpus` vCPUs; returns the RSDP's address.
+pub fn write(mem: &impl GuestMemory, cpus: u32, sleep: SleepRegisters) -> Result<u64, BootError> {
+    let tables = build(cpus, sleep, RSDP_START);
+    debug_assert!(RSDP_START + tables.len() as u64 <= crate::layout::MPTABLE_START);
+    mem.write_slice(&tables, GuestAddress(RSDP_START))?;
+    Ok(RSDP_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SLEEP: SleepRegisters = SleepRegisters {
+        control_port: 0x600,
+        status_port: 0x601,
+        s5_type: 5,
+    };
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    /// Follows pointers like a guest would and returns each table found through the XSDT.
+    fn walk(blob: &[u8], base: u64) -> Vec<Vec<u8>> {
+        let table = |addr: u64| {
+            let off = (addr - base) as usize;
+            let len = u32_at(blob, off + 4) as usize;
+            blob[off..off + len].to_vec()
+        };
+        assert_eq!(&blob[..8], b"RSD PTR ");
+        assert_eq!(sum(&blob[..20]), 0, "RSDP v1 checksum");
+        assert_eq!(sum(&blob[..36]), 0, "RSDP extended checksum");
+        let xsdt = table(u64_at(blob, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        xsdt[36..]
+            .chunks(8)
+            .map(|p| table(u64::from_le_bytes(p.try_into().unwrap())))
+            .collect()
+    }
+
+    #[test]
+    fn every_table_is_reachable_and_checksummed() {
+        let base = RSDP_START;
+        let blob = build(4, SLEEP, base);
+        let tables = walk(&blob, base);
+        let sigs: Vec<&[u8]> = tables.iter().map(|t| &t[..4]).collect();
+        assert_eq!(sigs, vec![&b"FACP"[..], &b"APIC"[..]]);
+        for t in &tables {
+            assert_eq!(sum(t), 0, "{:?} checksum", std::str::from_utf8(&t[..4]));
+        }
+        let fadt = &tables[0];
+        assert_eq!(fadt.len(), FADT_LEN);
+        assert_eq!(
+            u32_at(fadt, 112) & FADT_FLAG_HW_REDUCED,
+            FADT_FLAG_HW_REDUCED
+        );
+        let dsdt_addr = u64_at(fadt, 140);
+        assert_eq!(u32_at(fadt, 40) as u64, dsdt_addr);
+        let dsdt_off = (dsdt_addr - base) as usize;
+        let dsdt = &blob[dsdt_off..dsdt_off + u32_at(&blob, dsdt_off + 4) as usize];
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert_eq!(sum(dsdt), 0);
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        // Sleep control register: I/O space, byte access, our port.
+        assert_eq!(&fadt[244..248], &[GAS_SYSTEM_IO, 8, 0, GAS_ACCESS_BYTE]);
+        assert_eq!(u64_at(fadt, 248), 0x600);
+        assert_eq!(
+            u16::from_le_bytes([fadt[109], fadt[110]]) & BOOT_ARCH_8042,
+            BOOT_ARCH_8042
+        );
+    }
+
+    #[test]
+    fn madt_lists_every_cpu_then_the_ioapic() {
+        let blob = build(3, SLEEP, RSDP_START);
+        let madt = walk(&blob, RSDP_START).remove(1);
+        assert_eq!(u32_at(&madt, 36), LAPIC_ADDRESS as u32);
+        let entries = &madt[44..];
+        for id in 0..3usize {
+            assert_eq!(&entries[id * 8..id * 8 + 5], &[0, 8, id as u8, id as u8, 1]);
+        }
+        let ioapic = &entries[24..36];
+        assert_eq!(&ioapic[..3], &[1, 12, 3]);
+        assert_eq!(u32_at(ioapic, 4), IOAPIC_ADDRESS as u32);
+        assert_eq!(&entries[36..], &[4, 6, 0xFF, 0, 0, 1]);
+    }
+
+    #[test]
+    fn tables_fit_below_the_mp_table_for_the_most_cpus() {
+        let blob = build(crate::mptable::MAX_CPUS, SLEEP, RSDP_START);
+        assert!(RSDP_START + blob.len() as u64 <= crate::layout::MPTABLE_START);
+    }
+
+    #[test]
+    fn s5_aml_is_well_formed() {
+        let d = dsdt(5);
+        let aml = &d[HEADER_LEN..];
+        assert_eq!(aml[0], 0x08, "NameOp");
+        assert_eq!(&aml[1..5], b"_S5_");
+        assert_eq!(aml[5], 0x12, "PackageOp");
+        // PkgLength counts itself and everything after it in the package.
+        assert_eq!(aml[6] as usize, aml.len() - 6);
+        assert_eq!(aml[7], 4, "four elements");
+        assert_eq!(&aml[8..10], &[0x0A, 5], "SLP_TYP_a");
+    }
+}
