@@ -1,10 +1,15 @@
-//! ACPI tables for a hardware-reduced ACPI machine: RSDP → XSDT → FADT (→ DSDT) and MADT.
+//! ACPI tables: RSDP → XSDT → FADT (→ DSDT) and MADT.
 //!
 //! What the guest learns from them: its CPUs and IOAPIC (MADT, the same facts as the MP
 //! table), that an i8042 and a CMOS RTC exist (FADT boot flags), and how to power off: the
-//! DSDT's `\_S5` sleep type written with SLP_EN to the FADT's sleep control register (an
-//! I/O port vmon handles, see `vmon_devices::legacy::power`). Hardware-reduced ACPI needs
-//! no PM1 blocks, SCI or SMI command port.
+//! DSDT's `\_S5` sleep type written with SLP_EN to the PM1a control register (I/O ports
+//! vmon handles, see `vmon_devices::legacy::power`).
+//!
+//! Why fixed-hardware ACPI and not the simpler hardware-reduced kind: Linux answers
+//! HW_REDUCED_ACPI by dropping the legacy PIC and PIT, after which ISA interrupts (the
+//! UARTs' IRQ 3 and 4) exist only for devices the DSDT describes. With the PM1 blocks the
+//! legacy devices keep working exactly as with the MP table. SMI_CMD is 0: ACPI is always
+//! on, there is no legacy mode to switch from.
 //!
 //! Layout: all tables in the BIOS area below the MP table's region, RSDP first (Linux also
 //! finds it through the zero page's `acpi_rsdp_addr` and PVH's `rsdp_paddr`).
@@ -17,13 +22,14 @@ use crate::BootError;
 /// Guest-physical address of the RSDP; the other tables follow it.
 pub const RSDP_START: u64 = 0xE_0000;
 
-/// Where the sleep control/status registers are (ACPI 6 §4.8.3.7, one byte each, in I/O
-/// space) and the sleep type `\_S5` (soft off) announces. The device behind them lives in
-/// vmon-devices; the VMM hands its facts to the tables.
+/// Where the PM1a event block (status and enable, 2 bytes each) and PM1a control register
+/// are in I/O space, the SCI's IRQ, and the sleep type `\_S5` (soft off) announces. The
+/// device behind them lives in vmon-devices; the VMM hands its facts to the tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SleepRegisters {
-    pub control_port: u16,
-    pub status_port: u16,
+pub struct PmRegisters {
+    pub pm1a_event_port: u16,
+    pub pm1a_control_port: u16,
+    pub sci_irq: u8,
     pub s5_type: u8,
 }
 
@@ -32,13 +38,21 @@ const OEM_TABLE_ID: &[u8; 8] = b"VMONVIRT";
 const CREATOR_ID: &[u8; 4] = b"VMON";
 const HEADER_LEN: usize = 36;
 const FADT_LEN: usize = 276;
-const FADT_FLAG_HW_REDUCED: u32 = 1 << 20;
+const FADT_FLAG_WBINVD: u32 = 1;
+const FADT_FLAG_PROC_C1: u32 = 1 << 2;
+/// No fixed-feature power or sleep button.
+const FADT_FLAG_PWR_BUTTON: u32 = 1 << 4;
+const FADT_FLAG_SLP_BUTTON: u32 = 1 << 5;
+const PM1_EVENT_BLOCK_LEN: u8 = 4;
+const PM1_CONTROL_BLOCK_LEN: u8 = 2;
+/// MPS INTI flags: active high, level triggered (the SCI as QEMU and firmware declare it).
+const INTI_ACTIVE_HIGH_LEVEL: u16 = 0x000D;
 const BOOT_ARCH_LEGACY_DEVICES: u16 = 1;
 const BOOT_ARCH_8042: u16 = 1 << 1;
 const BOOT_ARCH_NO_VGA: u16 = 1 << 2;
 const MADT_FLAG_PCAT_COMPAT: u32 = 1;
 const GAS_SYSTEM_IO: u8 = 1;
-const GAS_ACCESS_BYTE: u8 = 1;
+const GAS_ACCESS_WORD: u8 = 2;
 const RTC_CENTURY_REGISTER: u8 = 0x32;
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -79,12 +93,12 @@ impl Sdt {
     }
 }
 
-/// Generic Address Structure for a one-byte I/O port register.
-fn io_port_gas(port: u16) -> [u8; 12] {
+/// Generic Address Structure for an I/O port block of `bytes` bytes, accessed by words.
+fn io_port_gas(port: u16, bytes: u8) -> [u8; 12] {
     let mut g = [0u8; 12];
     g[0] = GAS_SYSTEM_IO;
-    g[1] = 8;
-    g[3] = GAS_ACCESS_BYTE;
+    g[1] = bytes * 8;
+    g[3] = GAS_ACCESS_WORD;
     g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
     g
 }
@@ -102,25 +116,32 @@ fn dsdt(s5_type: u8) -> Vec<u8> {
     t.finish()
 }
 
-fn fadt(dsdt_addr: u64, sleep: SleepRegisters) -> Vec<u8> {
+fn fadt(dsdt_addr: u64, pm: PmRegisters) -> Vec<u8> {
     let mut body = vec![0u8; FADT_LEN - HEADER_LEN];
     let at = |off: usize| off - HEADER_LEN;
     body[at(40)..at(44)].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
+    body[at(46)..at(48)].copy_from_slice(&u16::from(pm.sci_irq).to_le_bytes());
+    body[at(56)..at(60)].copy_from_slice(&u32::from(pm.pm1a_event_port).to_le_bytes());
+    body[at(64)..at(68)].copy_from_slice(&u32::from(pm.pm1a_control_port).to_le_bytes());
+    body[at(88)] = PM1_EVENT_BLOCK_LEN;
+    body[at(89)] = PM1_CONTROL_BLOCK_LEN;
     body[at(108)] = RTC_CENTURY_REGISTER;
     let boot_arch = BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA;
     body[at(109)..at(111)].copy_from_slice(&boot_arch.to_le_bytes());
-    body[at(112)..at(116)].copy_from_slice(&FADT_FLAG_HW_REDUCED.to_le_bytes());
+    let flags = FADT_FLAG_WBINVD | FADT_FLAG_PROC_C1 | FADT_FLAG_PWR_BUTTON | FADT_FLAG_SLP_BUTTON;
+    body[at(112)..at(116)].copy_from_slice(&flags.to_le_bytes());
     body[at(131)] = 0; // FADT minor version: 6.0
     body[at(140)..at(148)].copy_from_slice(&dsdt_addr.to_le_bytes());
-    body[at(244)..at(256)].copy_from_slice(&io_port_gas(sleep.control_port));
-    body[at(256)..at(268)].copy_from_slice(&io_port_gas(sleep.status_port));
+    body[at(148)..at(160)].copy_from_slice(&io_port_gas(pm.pm1a_event_port, PM1_EVENT_BLOCK_LEN));
+    body[at(172)..at(184)]
+        .copy_from_slice(&io_port_gas(pm.pm1a_control_port, PM1_CONTROL_BLOCK_LEN));
     body[at(268)..at(276)].copy_from_slice(b"VMON\0\0\0\0");
     let mut t = Sdt::new(b"FACP", 6);
     t.push(&body);
     t.finish()
 }
 
-fn madt(cpus: u32) -> Vec<u8> {
+fn madt(cpus: u32, sci_irq: u8) -> Vec<u8> {
     let mut t = Sdt::new(b"APIC", 4);
     t.push(&(LAPIC_ADDRESS as u32).to_le_bytes())
         .push(&MADT_FLAG_PCAT_COMPAT.to_le_bytes());
@@ -132,6 +153,11 @@ fn madt(cpus: u32) -> Vec<u8> {
     let mut ioapic = [1u8, 12, cpus as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     ioapic[4..8].copy_from_slice(&(IOAPIC_ADDRESS as u32).to_le_bytes());
     t.push(&ioapic);
+    // Interrupt Source Override: the SCI, ISA IRQ = GSI, level triggered, active high.
+    let mut sci = [2u8, 10, 0, sci_irq, 0, 0, 0, 0, 0, 0];
+    sci[4..8].copy_from_slice(&u32::from(sci_irq).to_le_bytes());
+    sci[8..10].copy_from_slice(&INTI_ACTIVE_HIGH_LEVEL.to_le_bytes());
+    t.push(&sci);
     // Local APIC NMI on LINT1 of every processor (UID 0xFF), as the MP table says.
     t.push(&[4, 6, 0xFF, 0, 0, 1]);
     t.finish()
@@ -158,15 +184,15 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 }
 
 /// All tables, laid out from `base`, with each table 16-byte aligned.
-pub fn build(cpus: u32, sleep: SleepRegisters, base: u64) -> Vec<u8> {
+pub fn build(cpus: u32, pm: PmRegisters, base: u64) -> Vec<u8> {
     let align = |v: usize| v.next_multiple_of(16);
     let rsdp_len = 36;
     let dsdt_off = align(rsdp_len);
-    let dsdt = dsdt(sleep.s5_type);
+    let dsdt = dsdt(pm.s5_type);
     let fadt_off = align(dsdt_off + dsdt.len());
-    let fadt = fadt(base + dsdt_off as u64, sleep);
+    let fadt = fadt(base + dsdt_off as u64, pm);
     let madt_off = align(fadt_off + fadt.len());
-    let madt = madt(cpus);
+    let madt = madt(cpus, pm.sci_irq);
     let xsdt_off = align(madt_off + madt.len());
     let xsdt = xsdt(&[base + fadt_off as u64, base + madt_off as u64]);
     let mut out = vec![0u8; xsdt_off + xsdt.len()];
@@ -179,8 +205,8 @@ pub fn build(cpus: u32, sleep: SleepRegisters, base: u64) -> Vec<u8> {
 }
 
 /// Writes the tables for `cpus` vCPUs; returns the RSDP's address.
-pub fn write(mem: &impl GuestMemory, cpus: u32, sleep: SleepRegisters) -> Result<u64, BootError> {
-    let tables = build(cpus, sleep, RSDP_START);
+pub fn write(mem: &impl GuestMemory, cpus: u32, pm: PmRegisters) -> Result<u64, BootError> {
+    let tables = build(cpus, pm, RSDP_START);
     debug_assert!(RSDP_START + tables.len() as u64 <= crate::layout::MPTABLE_START);
     mem.write_slice(&tables, GuestAddress(RSDP_START))?;
     Ok(RSDP_START)
@@ -190,9 +216,10 @@ pub fn write(mem: &impl GuestMemory, cpus: u32, sleep: SleepRegisters) -> Result
 mod tests {
     use super::*;
 
-    const SLEEP: SleepRegisters = SleepRegisters {
-        control_port: 0x600,
-        status_port: 0x601,
+    const SLEEP: PmRegisters = PmRegisters {
+        pm1a_event_port: 0x600,
+        pm1a_control_port: 0x604,
+        sci_irq: 9,
         s5_type: 5,
     };
 
@@ -239,8 +266,18 @@ mod tests {
         let fadt = &tables[0];
         assert_eq!(fadt.len(), FADT_LEN);
         assert_eq!(
-            u32_at(fadt, 112) & FADT_FLAG_HW_REDUCED,
-            FADT_FLAG_HW_REDUCED
+            u32_at(fadt, 112) & (1 << 20),
+            0,
+            "not hardware-reduced: keeps the PIC"
+        );
+        assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 9, "SCI IRQ");
+        assert_eq!(u32_at(fadt, 56), 0x600, "PM1a_EVT_BLK");
+        assert_eq!(u32_at(fadt, 64), 0x604, "PM1a_CNT_BLK");
+        assert_eq!((fadt[88], fadt[89]), (4, 2));
+        assert_eq!(
+            u32_at(fadt, 48),
+            0,
+            "no SMI command port: ACPI always enabled"
         );
         let dsdt_addr = u64_at(fadt, 140);
         assert_eq!(u32_at(fadt, 40) as u64, dsdt_addr);
@@ -249,9 +286,11 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         assert_eq!(sum(dsdt), 0);
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
-        // Sleep control register: I/O space, byte access, our port.
-        assert_eq!(&fadt[244..248], &[GAS_SYSTEM_IO, 8, 0, GAS_ACCESS_BYTE]);
-        assert_eq!(u64_at(fadt, 248), 0x600);
+        // X_PM1a_CNT_BLK: I/O space, 16 bits, word access, our port.
+        assert_eq!(&fadt[172..176], &[GAS_SYSTEM_IO, 16, 0, GAS_ACCESS_WORD]);
+        assert_eq!(u64_at(fadt, 176), 0x604);
+        assert_eq!(&fadt[148..152], &[GAS_SYSTEM_IO, 32, 0, GAS_ACCESS_WORD]);
+        assert_eq!(u64_at(fadt, 152), 0x600);
         assert_eq!(
             u16::from_le_bytes([fadt[109], fadt[110]]) & BOOT_ARCH_8042,
             BOOT_ARCH_8042
@@ -270,7 +309,12 @@ mod tests {
         let ioapic = &entries[24..36];
         assert_eq!(&ioapic[..3], &[1, 12, 3]);
         assert_eq!(u32_at(ioapic, 4), IOAPIC_ADDRESS as u32);
-        assert_eq!(&entries[36..], &[4, 6, 0xFF, 0, 0, 1]);
+        assert_eq!(
+            &entries[36..46],
+            &[2, 10, 0, 9, 9, 0, 0, 0, 0x0D, 0],
+            "SCI override"
+        );
+        assert_eq!(&entries[46..], &[4, 6, 0xFF, 0, 0, 1]);
     }
 
     #[test]

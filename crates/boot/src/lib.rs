@@ -93,8 +93,8 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     pub cpus: u32,
     pub cpu_signature: mptable::CpuSignature,
-    /// The power-off registers to describe in ACPI.
-    pub sleep: acpi::SleepRegisters,
+    /// The ACPI power-management registers to describe.
+    pub pm: acpi::PmRegisters,
 }
 
 /// Loads everything into guest memory and returns the boot vCPU's initial state.
@@ -117,7 +117,7 @@ pub fn prepare<M: GuestMemoryBackend>(
     };
     let e820 = layout.e820();
     mptable::write(mem, spec.cpus, spec.cpu_signature)?;
-    let rsdp = acpi::write(mem, spec.cpus, spec.sleep)?;
+    let rsdp = acpi::write(mem, spec.cpus, spec.pm)?;
 
     let (gdt, mut state) = match kernel.mode {
         EntryMode::Pvh32 => {

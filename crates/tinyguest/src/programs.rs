@@ -113,15 +113,15 @@ pub fn warm_reset() -> Vec<u8> {
     })
 }
 
-/// Powers off the way an ACPI guest does on a hardware-reduced machine: writes sleep type 5
-/// with SLP_EN (0x34) to the sleep control register at port 0x600, then halts.
+/// Powers off the way an ACPI guest does: writes sleep type 5 with SLP_EN (0x3400) to the
+/// PM1a control register at port 0x604, then halts.
 ///
 /// Host observes: an ACPI power-off; vmon exits 0 without a message.
 pub fn acpi_poweroff() -> Vec<u8> {
     build64(|g| {
-        g.a.mov(dx, 0x600u32)?;
-        g.a.mov(al, 0x34u32)?;
-        g.a.out(dx, al)?;
+        g.a.mov(dx, 0x604u32)?;
+        g.a.mov(ax, 0x3400u32)?;
+        g.a.out(dx, ax)?;
         g.halt_forever()
     })
 }

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmon_boot::acpi::SleepRegisters;
+use vmon_boot::acpi::PmRegisters;
 use vmon_boot::mptable::{self, CpuSignature};
 use vmon_boot::BootSpec;
 use vmon_devices::bus::lock;
 use vmon_devices::legacy::exit_port::{ExitPort, EXIT_PORT};
 use vmon_devices::legacy::i8042::I8042;
-use vmon_devices::legacy::power::{self, SleepControl};
+use vmon_devices::legacy::power::{self, PmControl};
 use vmon_devices::legacy::rtc::Rtc;
 use vmon_devices::legacy::serial::{Output, SerialPort};
 use vmon_devices::legacy::{self, COM1, COM2, UART_PORTS};
@@ -107,9 +107,10 @@ impl Machine {
                     signature: leaf1.map_or(0, |e| e.eax),
                     features: leaf1.map_or(0, |e| e.edx),
                 },
-                sleep: SleepRegisters {
-                    control_port: power::SLEEP_PORTS.0,
-                    status_port: power::SLEEP_PORTS.0 + 1,
+                pm: PmRegisters {
+                    pm1a_event_port: power::PM_PORTS.0,
+                    pm1a_control_port: power::PM_PORTS.0 + power::PM1A_CONTROL_OFFSET,
+                    sci_irq: power::SCI_IRQ,
                     s5_type: power::S5_SLEEP_TYPE,
                 },
             },
@@ -147,9 +148,9 @@ impl Machine {
             1,
         )?;
         add(
-            Arc::new(Mutex::new(SleepControl::new(stop.clone()))),
-            power::SLEEP_PORTS.0,
-            power::SLEEP_PORTS.1,
+            Arc::new(Mutex::new(PmControl::new(stop.clone()))),
+            power::PM_PORTS.0,
+            power::PM_PORTS.1,
         )?;
         add(
             Arc::new(Mutex::new(PciConfigIo::new())),

@@ -109,7 +109,11 @@ fn i8042_reset_ends_the_vm_as_a_reboot() {
 #[test]
 fn acpi_power_off_ends_the_vm_with_status_zero() {
     require_kvm!();
-    let out = boot("poweroff", &tg::elf64(&tg::acpi_poweroff(), tg::DEFAULT_LOAD_ADDR), &[]);
+    let out = boot(
+        "poweroff",
+        &tg::elf64(&tg::acpi_poweroff(), tg::DEFAULT_LOAD_ADDR),
+        &[],
+    );
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert_eq!(out.stderr, "");
 }

@@ -1,49 +1,81 @@
-//! ACPI sleep control and status registers (hardware-reduced ACPI, ACPI 6 §4.8.3.7): how a
-//! guest powers itself off. The guest writes its `\_S5` sleep type with SLP_EN; vmon ends the
-//! VM with [`GuestStop::PowerOff`]. Other sleep states are not offered (the DSDT lists S5
-//! only), so any other request is ignored.
+//! ACPI fixed-hardware power management registers (ACPI 6 §4.8.1): the PM1a event block
+//! (status, enable) and the PM1a control register, which is how a guest powers itself off:
+//! it writes its `\_S5` sleep type with SLP_EN, and vmon ends the VM with
+//! [`GuestStop::PowerOff`]. Other sleep states are not offered (the DSDT lists S5 only), so
+//! any other request is ignored. No event is ever raised yet, so the SCI stays quiet.
 
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
 use crate::lifecycle::{GuestStop, StopSignal};
 
-/// Control register at offset 0, status register at offset 1.
-pub const SLEEP_PORTS: (u16, u64) = (0x600, 2);
+/// PM1a_EVT_BLK (4 bytes) followed by PM1a_CNT_BLK (2 bytes).
+pub const PM_PORTS: (u16, u64) = (0x600, 6);
+pub const PM1A_CONTROL_OFFSET: u16 = 4;
+/// ISA IRQ of the system control interrupt (the conventional 9).
+pub const SCI_IRQ: u8 = 9;
 /// The sleep type the DSDT announces for S5 (soft off).
 pub const S5_SLEEP_TYPE: u8 = 5;
-const SLEEP_TYPE_SHIFT: u8 = 2;
-const SLEEP_TYPE_MASK: u8 = 0x7;
-const SLEEP_ENABLE: u8 = 0x20;
 
-pub struct SleepControl {
+const STATUS: usize = 0;
+const CONTROL: usize = 4;
+const SCI_EN: u16 = 1;
+const SLP_TYP_SHIFT: u16 = 10;
+const SLP_TYP_MASK: u16 = 0x7;
+const SLP_EN: u16 = 1 << 13;
+
+pub struct PmControl {
+    /// The six register bytes: status, enable, control.
+    regs: [u8; 6],
     stop: Arc<StopSignal>,
 }
 
-impl SleepControl {
+impl PmControl {
     pub fn new(stop: Arc<StopSignal>) -> Self {
-        SleepControl { stop }
+        PmControl { regs: [0; 6], stop }
+    }
+
+    fn control(&self) -> u16 {
+        u16::from_le_bytes([self.regs[CONTROL], self.regs[CONTROL + 1]])
     }
 }
 
-impl BusDevice for SleepControl {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        // Status: no wake event pending. Control reads as zero.
-        data.fill(0);
+impl BusDevice for PmControl {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset as usize + i;
+            *b = match at {
+                // ACPI mode is always on: SCI_EN reads as set.
+                CONTROL => self.regs[at] | SCI_EN as u8,
+                _ => self.regs.get(at).copied().unwrap_or(0xFF),
+            };
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (0, Some(&value)) = (offset, data.first()) else {
-            return;
-        };
-        let sleep_type = (value >> SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK;
-        if value & SLEEP_ENABLE != 0 && sleep_type == S5_SLEEP_TYPE {
-            self.stop.request(GuestStop::PowerOff);
-        } else if value & SLEEP_ENABLE != 0 {
-            tracing::debug!(
-                sleep_type,
-                "ignoring a request for a sleep state we do not offer"
-            );
+        for (i, &b) in data.iter().enumerate() {
+            let at = offset as usize + i;
+            match at {
+                // Status bits are write-one-to-clear.
+                STATUS | 1 => self.regs[at] &= !b,
+                2..=5 => self.regs[at] = b,
+                _ => {}
+            }
+        }
+        let control = self.control();
+        let touched_control = (offset as usize + data.len()) > CONTROL;
+        if touched_control && control & SLP_EN != 0 {
+            let sleep_type = (control >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
+            // SLP_EN is a write-only trigger: it never reads back as set.
+            self.regs[CONTROL + 1] &= !((SLP_EN >> 8) as u8);
+            if sleep_type == u16::from(S5_SLEEP_TYPE) {
+                self.stop.request(GuestStop::PowerOff);
+            } else {
+                tracing::debug!(
+                    sleep_type,
+                    "ignoring a request for a sleep state we do not offer"
+                );
+            }
         }
     }
 }
@@ -52,18 +84,54 @@ impl BusDevice for SleepControl {
 mod tests {
     use super::*;
 
+    fn device() -> (PmControl, Arc<StopSignal>) {
+        let stop = Arc::new(StopSignal::new().unwrap());
+        (PmControl::new(stop.clone()), stop)
+    }
+
+    const S5: u16 = (S5_SLEEP_TYPE as u16) << SLP_TYP_SHIFT;
+
     #[test]
     fn s5_with_sleep_enable_powers_off() {
-        let stop = Arc::new(StopSignal::new().unwrap());
-        let mut dev = SleepControl::new(stop.clone());
-        dev.write(0, &[S5_SLEEP_TYPE << 2]); // no SLP_EN
-        dev.write(0, &[(3 << 2) | SLEEP_ENABLE]); // S3: not offered
-        dev.write(1, &[0xFF]); // status register
+        let (mut dev, stop) = device();
+        dev.write(4, &S5.to_le_bytes()); // type without SLP_EN
+        dev.write(4, &((3 << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes()); // S3: not offered
         assert_eq!(stop.pending(), None);
-        dev.write(0, &[(S5_SLEEP_TYPE << 2) | SLEEP_ENABLE]);
+        dev.write(4, &(S5 | SLP_EN).to_le_bytes());
         assert_eq!(stop.pending(), Some(GuestStop::PowerOff));
-        let mut b = [0xAAu8; 2];
-        dev.read(1, &mut b);
-        assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn byte_writes_of_the_high_half_count() {
+        let (mut dev, stop) = device();
+        dev.write(5, &[((S5 | SLP_EN) >> 8) as u8]);
+        assert_eq!(stop.pending(), Some(GuestStop::PowerOff));
+    }
+
+    #[test]
+    fn sci_enabled_and_slp_en_never_reads_back() {
+        let (mut dev, _) = device();
+        let mut w = [0u8; 2];
+        dev.read(4, &mut w);
+        assert_eq!(u16::from_le_bytes(w) & SCI_EN, SCI_EN);
+        dev.write(4, &((3 << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes());
+        dev.read(4, &mut w);
+        assert_eq!(u16::from_le_bytes(w) & SLP_EN, 0);
+    }
+
+    #[test]
+    fn enable_register_keeps_its_value_and_status_clears_on_write() {
+        let (mut dev, _) = device();
+        dev.write(2, &[0x20, 0x01]);
+        let mut w = [0u8; 2];
+        dev.read(2, &mut w);
+        assert_eq!(w, [0x20, 0x01]);
+        dev.regs[0] = 0x11;
+        dev.write(0, &[0x01]);
+        dev.read(0, &mut w);
+        assert_eq!(w[0], 0x10);
+        let mut wide = [0u8; 8];
+        dev.read(4, &mut wide); // runs past the block
+        assert_eq!(&wide[2..], &[0xFF; 6]);
     }
 }

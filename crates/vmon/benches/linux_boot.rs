@@ -1,0 +1,84 @@
+//! Stock-kernel boot benchmark: time from process start to the guest's first userspace line,
+//! and the VMM's resident memory, for vmon and QEMU microvm (`-enable-kvm -cpu host`) booting
+//! the same Debian kernel and initramfs (the default guest kit) with the same command line.
+//! Needs hardware virtualisation: on PVM hosts run it inside the lab (scripts/bench-boot.sh).
+//!
+//! Run: `VMON_KIT=$(vmon kit) cargo bench -p vmon --bench linux_boot [-- RUNS]`.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+const VMON: &str = env!("CARGO_BIN_EXE_vmon");
+const MARKER: &[u8] = b"userspace-up\n";
+
+fn main() {
+    let runs = common::runs_from_args(5);
+    let kit = std::env::var("VMON_KIT").expect("set VMON_KIT to the kit directory (vmon kit)");
+    let kernel = format!("{kit}/vmlinuz");
+    let initrd = format!("{kit}/initramfs.cpio.gz");
+    // The same command line for both: vmon's default for `vmon run -- echo userspace-up`,
+    // with the first line of userspace as the marker.
+    let cmdline = format!(
+        "console=ttyS1 reboot=k,panic_warm panic=-1 i8042.noaux quiet vmon.cmd={} vmon.tty=0",
+        "ZWNobyB1c2Vyc3BhY2UtdXA=" // base64 of "echo userspace-up"
+    );
+    let vmon = || {
+        let mut c = Command::new(VMON);
+        c.args([
+            "run",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            &cmdline,
+            "--cpus",
+            "2",
+            "--memory",
+            "1G",
+        ]);
+        c
+    };
+    let qemu = || {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-cpu",
+            common::QEMU_CPU,
+            "-smp",
+            "2",
+            "-m",
+            "1G",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-chardev",
+            "null,id=com2",
+            "-device",
+            "isa-serial,chardev=com2,iobase=0x2f8,irq=3",
+            "-kernel",
+            &kernel,
+            "-initrd",
+            &initrd,
+            "-append",
+            &cmdline,
+        ]);
+        c
+    };
+    println!("stock Debian kernel + kit initramfs, 2 vCPUs, 1 GiB, {runs} runs each, medians:");
+    common::compare(
+        runs,
+        MARKER,
+        Duration::from_millis(500),
+        &[("vmon", &vmon), ("qemu microvm", &qemu)],
+    );
+}
