@@ -27,7 +27,7 @@ fi
 
 start=$(date +%s)
 say "tiers 1 and 2: unit tests and tiny guests"
-cargo test --workspace --all-targets
+cargo test --workspace
 
 linux_tier_direct() {
 	[ -r /dev/kvm ] && [ -w /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]

@@ -15,7 +15,10 @@ const MARKER: &[u8] = b"userspace-up\n";
 
 fn main() {
     let runs = common::runs_from_args(5);
-    let kit = std::env::var("VMON_KIT").expect("set VMON_KIT to the kit directory (vmon kit)");
+    let Ok(kit) = std::env::var("VMON_KIT") else {
+        eprintln!("linux_boot: set VMON_KIT to the default guest kit's directory (vmon kit)");
+        std::process::exit(2);
+    };
     let kernel = format!("{kit}/vmlinuz");
     let initrd = format!("{kit}/initramfs.cpio.gz");
     // The same command line for both: vmon's default for `vmon run -- echo userspace-up`,
