@@ -31,8 +31,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates a VM with the in-kernel PIC/IOAPIC/LAPIC and PIT, and maps `memory` into it.
-    pub fn create(hv: &Hypervisor, memory: &VmonGuestMemory) -> Result<Self, VmError> {
+    /// Creates a VM with the in-kernel PIC/IOAPIC/LAPIC and PIT; guest memory is added with
+    /// [`Vm::register_memory`].
+    pub fn create(hv: &Hypervisor) -> Result<Self, VmError> {
         let fd = hv.kvm().create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
@@ -44,6 +45,16 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        Ok(Vm { fd })
+    }
+
+    /// Maps `memory` into the VM as memory slots.
+    ///
+    /// Registering a slot is the slowest step of VM creation (milliseconds: KVM waits for an
+    /// SRCU grace period and, on shadow-paging hosts, sets up per-page bookkeeping), and it
+    /// does not depend on the vCPUs or on the guest image, so the machine runs it on another
+    /// thread while it loads the kernel and configures the vCPUs.
+    pub fn register_memory(&self, memory: &VmonGuestMemory) -> Result<(), VmError> {
         let mut slot = 0u32;
         for region in memory.iter() {
             // KVM caps a memory slot just below 8 TiB; larger regions take several slots.
@@ -59,13 +70,13 @@ impl Vm {
                 };
                 // SAFETY: the host range lies inside `memory`'s mmap, which outlives the VM:
                 // the machine owns both and drops the VM (and its vCPUs) first.
-                unsafe { fd.set_user_memory_region(mapping) }
+                unsafe { self.fd.set_user_memory_region(mapping) }
                     .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
                 offset += size;
                 slot += 1;
             }
         }
-        Ok(Vm { fd })
+        Ok(())
     }
 
     pub fn fd(&self) -> &VmFd {

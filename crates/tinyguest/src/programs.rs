@@ -171,6 +171,22 @@ pub fn triple_fault() -> Vec<u8> {
     })
 }
 
+/// Executes `int3` with an empty IDT. Real hardware cannot deliver the #BP (nor the #GP and
+/// #DF after it): a triple fault. PVM's instruction emulator cannot emulate `int3` at all and
+/// KVM reports an internal error instead. Either way the VMM must end the VM with one line
+/// naming the fault.
+pub fn int3_without_idt() -> Vec<u8> {
+    build64(|g| {
+        let mut idtr = g.a.create_label();
+        g.a.lidt(ptr(idtr))?;
+        // Emitted as data: the allow-list keeps int3 out of ordinary programs.
+        g.a.db(&[0xCC])?;
+        g.halt_forever()?;
+        g.a.set_label(&mut idtr)?;
+        g.a.db(&[0; 10])
+    })
+}
+
 /// Spins forever with `jmp $` (for SIGTERM / timeout tests). No output.
 pub fn spin_forever() -> Vec<u8> {
     build64(spin)

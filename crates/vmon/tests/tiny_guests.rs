@@ -144,6 +144,32 @@ fn triple_fault_is_a_guest_crash_with_a_diagnosis() {
 }
 
 #[test]
+fn an_instruction_kvm_cannot_run_ends_with_a_diagnosis() {
+    require_kvm!();
+    let out = boot(
+        "int3",
+        &tg::elf64(&tg::int3_without_idt(), tg::DEFAULT_LOAD_ADDR),
+        &[],
+    );
+    eprintln!("{}", out.stderr);
+    match out.code() {
+        // PVM: the emulator gives up on int3.
+        70 => {
+            out.assert_one_line_error(70, "KVM internal error, suberror");
+            assert!(
+                out.stderr.contains("instruction bytes: cc"),
+                "{}",
+                out.stderr
+            );
+            assert!(out.stderr.contains("at RIP 0x"), "{}", out.stderr);
+        }
+        // VT-x/AMD-V: #BP with no IDT escalates to a triple fault.
+        76 => out.assert_one_line_error(76, "guest crashed: triple fault"),
+        other => panic!("unexpected exit {other}: {}", out.stderr),
+    }
+}
+
+#[test]
 fn legacy_ports_answer_as_a_pc_would() {
     require_kvm!();
     let out = boot(
@@ -195,7 +221,7 @@ fn wild_accesses_do_not_hurt_the_vmm() {
 #[test]
 fn smp_guest_brings_up_every_vcpu() {
     require_kvm!();
-    for cpus in [1u8, 2, 4] {
+    for cpus in [1u8, 2, 4, 32] {
         let image = tg::elf64(&tg::smp_hello(cpus), tg::DEFAULT_LOAD_ADDR);
         let n = cpus.to_string();
         let out = boot("smp", &image, &["--cpus", &n]);
