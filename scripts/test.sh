@@ -43,7 +43,7 @@ elif [ -e /sys/module/kvm_pvm ] || [ "${VMON_FORCE_LAB:-0}" = 1 ]; then
 	bin=$(cargo test -q -p vmon --test linux_guest --no-run --message-format=json |
 		grep '"name":"linux_guest"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
 	[ -x "$bin" ] || { say "could not find the linux_guest test binary"; exit 1; }
-	scripts/lab.sh --env VMON_LINUX_TIER=1 --env VMON_KIT -- "$bin" --test-threads=1
+	scripts/lab.sh --timeout 1200 --env VMON_LINUX_TIER=1 --env VMON_KIT -- "$bin" --test-threads=1
 else
 	if [ "${VMON_REQUIRE_KVM:-0}" = 1 ]; then
 		say "VMON_REQUIRE_KVM=1 but the Linux tier cannot run: no usable /dev/kvm"

@@ -99,11 +99,23 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration, start: Instant) ->
             break status;
         }
         if start.elapsed() > timeout {
+            let pid = child.id();
             let _ = child.kill();
-            let status = child.wait().unwrap();
-            let out = String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned();
-            let err = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
-            panic!("vmon timed out after {timeout:?} ({status}); stdout: {out}\nstderr: {err}");
+            // A process stuck inside the kernel cannot be killed; do not wait for it forever
+            // (nor for its pipes): report where its threads are and fail this test only.
+            let kill_deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < kill_deadline {
+                if child.try_wait().unwrap().is_some() {
+                    let out = String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned();
+                    let err = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
+                    panic!("vmon timed out after {timeout:?}; stdout: {out}\nstderr: {err}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            panic!(
+                "vmon timed out after {timeout:?} and could not be killed; its threads:\n{}",
+                thread_report(pid)
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     };
@@ -114,6 +126,33 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration, start: Instant) ->
         stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
         elapsed,
     }
+}
+
+/// Name, state and kernel stack of every thread of `pid` (the stacks need root).
+fn thread_report(pid: u32) -> String {
+    let mut report = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(gone)".into();
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("?");
+        report.push_str(&format!(
+            "- {} ({}) state {state}\n{}",
+            read("comm").trim(),
+            path.display(),
+            read("stack")
+        ));
+    }
+    report
 }
 
 /// A scratch directory removed when dropped.
