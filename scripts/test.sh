@@ -53,7 +53,7 @@ elif [ -e /sys/module/kvm_pvm ] || [ "${VMON_FORCE_LAB:-0}" = 1 ]; then
 	for t in $("$bin" --list --format terse | sed -n 's/: test$//p'); do
 		for attempt in 1 2; do
 			rc=0
-			scripts/lab.sh --timeout 400 --env VMON_LINUX_TIER=1 --env VMON_KIT -- \
+			scripts/lab.sh --timeout 180 --env VMON_LINUX_TIER=1 --env VMON_KIT -- \
 				"$bin" --exact "$t" --test-threads=1 || rc=$?
 			[ "$rc" = 0 ] && break
 			[ "$attempt" = 1 ] && say "$t failed in the lab (status $rc); retrying in a new lab"

@@ -45,8 +45,7 @@ fn boot_state() -> BootCpuState {
 fn saved_vcpu_state_restores_into_a_new_vcpu() {
     let Some(hv) = kvm_or_skip() else { return };
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-    let vm = Vm::create(&hv).unwrap();
-    vm.register_memory(&memory).unwrap();
+    let vm = Vm::create(&hv, &memory).unwrap();
     let profile = CpuProfile {
         vcpus: 2,
         nested: false,

@@ -91,28 +91,84 @@ impl Machine {
         }
         layout.check_physical_limit(hypervisor.guest_phys_bits())?;
         let memory = create_guest_memory(&layout).map_err(VmmError::MapMemory)?;
-        let vm = Vm::create(&hypervisor)?;
+        let vm = Vm::create(&hypervisor, &memory)?;
 
-        // Memory slots register on their own thread while this one loads the guest and sets
-        // up devices and vCPUs (see Vm::register_memory).
-        let wired = std::thread::scope(|scope| {
-            let slots = std::thread::Builder::new()
-                .name("memslots".into())
-                .spawn_scoped(scope, || vm.register_memory(&memory))
-                .map_err(host("starting a thread"))?;
-            let wired = wire(config, &hypervisor, &vm, &memory, &layout);
-            match slots.join() {
-                Ok(registered) => registered?,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-            wired
-        })?;
-        let Wired {
-            vcpus,
-            pio,
-            console,
-            stop,
-        } = wired;
+        let supported = hypervisor.supported_cpuid();
+        let leaf1 = supported.as_slice().iter().find(|e| e.function == 1);
+        let boot = vmon_boot::prepare(
+            &memory,
+            &layout,
+            &BootSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                cpus: config.cpus,
+                cpu_signature: CpuSignature {
+                    signature: leaf1.map_or(0, |e| e.eax),
+                    features: leaf1.map_or(0, |e| e.edx),
+                },
+                pm: PmRegisters {
+                    pm1a_event_port: power::PM_PORTS.0,
+                    pm1a_control_port: power::PM_PORTS.0 + power::PM1A_CONTROL_OFFSET,
+                    sci_irq: power::SCI_IRQ,
+                    s5_type: power::S5_SLEEP_TYPE,
+                },
+            },
+        )?;
+
+        let stop = Arc::new(StopSignal::new().map_err(host("creating an eventfd"))?);
+        let irq = |gsi: u32| -> Result<EventFd, VmmError> {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(host("creating an eventfd"))?;
+            vm.fd()
+                .register_irqfd(&evt, gsi)
+                .map_err(|e| VmmError::Devices(format!("KVM_IRQFD for IRQ {gsi}: {e}")))?;
+            Ok(evt)
+        };
+        let console = Arc::new(Mutex::new(SerialPort::new(
+            irq(COM1.1)?,
+            Box::new(io::stdout()) as Output,
+        )));
+        // COM2 carries the guest's stderr (and, in command mode, its kernel log) to ours.
+        let com2 = SerialPort::new(irq(COM2.1)?, Box::new(io::stderr()) as Output);
+        let i8042 = I8042::new(stop.clone(), Some(irq(I8042_IRQ)?));
+
+        let mut pio = Bus::new();
+        let mut add = |dev: Arc<Mutex<dyn BusDevice>>, port: u16, len: u64| {
+            pio.insert(dev, u64::from(port), len)
+                .map_err(|e| VmmError::Devices(e.to_string()))
+        };
+        add(console.clone(), COM1.0, UART_PORTS)?;
+        add(Arc::new(Mutex::new(com2)), COM2.0, UART_PORTS)?;
+        // One device spans 0x60..=0x64 so the data and command ports share state.
+        add(Arc::new(Mutex::new(i8042)), legacy::I8042_DATA, 5)?;
+        add(Arc::new(Mutex::new(Rtc::default())), legacy::RTC_PORT, 2)?;
+        add(
+            Arc::new(Mutex::new(ExitPort::new(stop.clone()))),
+            EXIT_PORT,
+            1,
+        )?;
+        add(
+            Arc::new(Mutex::new(PmControl::new(stop.clone()))),
+            power::PM_PORTS.0,
+            power::PM_PORTS.1,
+        )?;
+        add(
+            Arc::new(Mutex::new(PciConfigIo::new())),
+            pci::CONFIG_ADDRESS_PORT,
+            pci::CONFIG_PORTS,
+        )?;
+
+        let profile = CpuProfile {
+            vcpus: config.cpus,
+            nested: config.nested,
+            tsc_deadline: hypervisor.has_tsc_deadline(),
+        };
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for index in 0..config.cpus {
+            let vcpu = vm.create_vcpu(index)?;
+            vcpu.configure(&profile, supported, (index == 0).then_some(&boot))?;
+            vcpus.push(vcpu);
+        }
 
         Ok(Machine {
             vcpus,
@@ -266,108 +322,6 @@ impl Machine {
             _ => VmOutcome::Reboot,
         }
     }
-}
-
-/// What [`wire`] builds around a VM.
-struct Wired {
-    vcpus: Vec<Vcpu>,
-    pio: Bus,
-    console: Arc<Mutex<SerialPort>>,
-    stop: Arc<StopSignal>,
-}
-
-/// Loads the guest into memory, creates the devices and their interrupts, and creates and
-/// configures the vCPUs.
-fn wire(
-    config: &VmConfig,
-    hypervisor: &Hypervisor,
-    vm: &Vm,
-    memory: &GuestMemory,
-    layout: &MemoryLayout,
-) -> Result<Wired, VmmError> {
-    let supported = hypervisor.supported_cpuid();
-    let leaf1 = supported.as_slice().iter().find(|e| e.function == 1);
-    let boot = vmon_boot::prepare(
-        memory,
-        layout,
-        &BootSpec {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &config.cmdline,
-            cpus: config.cpus,
-            cpu_signature: CpuSignature {
-                signature: leaf1.map_or(0, |e| e.eax),
-                features: leaf1.map_or(0, |e| e.edx),
-            },
-            pm: PmRegisters {
-                pm1a_event_port: power::PM_PORTS.0,
-                pm1a_control_port: power::PM_PORTS.0 + power::PM1A_CONTROL_OFFSET,
-                sci_irq: power::SCI_IRQ,
-                s5_type: power::S5_SLEEP_TYPE,
-            },
-        },
-    )?;
-
-    let stop = Arc::new(StopSignal::new().map_err(host("creating an eventfd"))?);
-    let irq = |gsi: u32| -> Result<EventFd, VmmError> {
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(host("creating an eventfd"))?;
-        vm.fd()
-            .register_irqfd(&evt, gsi)
-            .map_err(|e| VmmError::Devices(format!("KVM_IRQFD for IRQ {gsi}: {e}")))?;
-        Ok(evt)
-    };
-    let console = Arc::new(Mutex::new(SerialPort::new(
-        irq(COM1.1)?,
-        Box::new(io::stdout()) as Output,
-    )));
-    // COM2 carries the guest's stderr (and, in command mode, its kernel log) to ours.
-    let com2 = SerialPort::new(irq(COM2.1)?, Box::new(io::stderr()) as Output);
-    let i8042 = I8042::new(stop.clone(), Some(irq(I8042_IRQ)?));
-
-    let mut pio = Bus::new();
-    let mut add = |dev: Arc<Mutex<dyn BusDevice>>, port: u16, len: u64| {
-        pio.insert(dev, u64::from(port), len)
-            .map_err(|e| VmmError::Devices(e.to_string()))
-    };
-    add(console.clone(), COM1.0, UART_PORTS)?;
-    add(Arc::new(Mutex::new(com2)), COM2.0, UART_PORTS)?;
-    // One device spans 0x60..=0x64 so the data and command ports share state.
-    add(Arc::new(Mutex::new(i8042)), legacy::I8042_DATA, 5)?;
-    add(Arc::new(Mutex::new(Rtc::default())), legacy::RTC_PORT, 2)?;
-    add(
-        Arc::new(Mutex::new(ExitPort::new(stop.clone()))),
-        EXIT_PORT,
-        1,
-    )?;
-    add(
-        Arc::new(Mutex::new(PmControl::new(stop.clone()))),
-        power::PM_PORTS.0,
-        power::PM_PORTS.1,
-    )?;
-    add(
-        Arc::new(Mutex::new(PciConfigIo::new())),
-        pci::CONFIG_ADDRESS_PORT,
-        pci::CONFIG_PORTS,
-    )?;
-
-    let profile = CpuProfile {
-        vcpus: config.cpus,
-        nested: config.nested,
-        tsc_deadline: hypervisor.has_tsc_deadline(),
-    };
-    let mut vcpus = Vec::with_capacity(config.cpus as usize);
-    for index in 0..config.cpus {
-        let vcpu = vm.create_vcpu(index)?;
-        vcpu.configure(&profile, supported, (index == 0).then_some(&boot))?;
-        vcpus.push(vcpu);
-    }
-
-    Ok(Wired {
-        vcpus,
-        pio,
-        console,
-        stop,
-    })
 }
 
 fn pollfd(fd: i32) -> libc::pollfd {

@@ -41,6 +41,23 @@ pub fn measure(mut cmd: Command, marker: &[u8], settle: Duration) -> Option<Samp
         .spawn()
         .ok()?;
     let mut stdout = child.stdout.take()?;
+    // A guest that never prints the marker (the lab hangs some) must not stall the run.
+    let pid = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if Instant::now() > deadline {
+                    // SAFETY: signalling our own child, which has not been reaped yet.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     let found = loop {
@@ -55,6 +72,8 @@ pub fn measure(mut cmd: Command, marker: &[u8], settle: Duration) -> Option<Samp
         }
     };
     let first_output = start.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watchdog.join();
     std::thread::sleep(settle);
     let rss_kib = status_kib(child.id(), "VmRSS:");
     let peak_rss_kib = status_kib(child.id(), "VmHWM:");
