@@ -21,11 +21,12 @@ fn main() {
     };
     let kernel = format!("{kit}/vmlinuz");
     let initrd = format!("{kit}/initramfs.cpio.gz");
-    // The same command line for both: vmon's default for `vmon run -- echo userspace-up`,
-    // with the first line of userspace as the marker.
+    // The same command line for both: vmon's default for
+    // `vmon run -- sh -c 'echo userspace-up; sleep 60'`: the first line of userspace is the
+    // marker, and the guest stays up while its VMM's memory is read.
     let cmdline = format!(
         "console=ttyS1 reboot=k,panic_warm panic=-1 i8042.noaux quiet vmon.cmd={} vmon.tty=0",
-        "ZWNobyB1c2Vyc3BhY2UtdXA=" // base64 of "echo userspace-up"
+        "ZWNobyB1c2Vyc3BhY2UtdXA7IHNsZWVwIDYw" // base64 of "echo userspace-up; sleep 60"
     );
     let vmon = || {
         let mut c = Command::new(VMON);
@@ -45,36 +46,12 @@ fn main() {
         c
     };
     let qemu = || {
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-M",
-            "microvm",
-            "-enable-kvm",
-            "-cpu",
-            common::QEMU_CPU,
-            "-smp",
-            "2",
-            "-m",
-            "1G",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-chardev",
-            "null,id=com2",
-            "-device",
-            "isa-serial,chardev=com2,iobase=0x2f8,irq=3",
-            "-kernel",
-            &kernel,
-            "-initrd",
-            &initrd,
-            "-append",
-            &cmdline,
-        ]);
+        let mut c = common::qemu_microvm("1G", "2");
+        // A second UART at COM2, as vmon has: the kit's init sends stderr and the kernel
+        // log there in command mode.
+        c.args(["-chardev", "null,id=com2"])
+            .args(["-device", "isa-serial,chardev=com2,iobase=0x2f8,irq=3"])
+            .args(["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
         c
     };
     println!("stock Debian kernel + kit initramfs, 2 vCPUs, 1 GiB, {runs} runs each, medians:");

@@ -40,26 +40,8 @@ fn main() {
         c
     };
     let qemu = || {
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-M",
-            "microvm",
-            "-enable-kvm",
-            "-cpu",
-            common::QEMU_CPU,
-            "-m",
-            "128M",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-kernel",
-            &image,
-        ]);
+        let mut c = common::qemu_microvm("128M", "1");
+        c.args(["-kernel", &image]);
         c
     };
     println!("tiny guest (PVH ELF, prints then halts), {runs} runs each, medians:");

@@ -25,6 +25,11 @@ fn boot(name: &str, image: &[u8], args: &[&str]) -> Output {
     run_vmon(&all, T)
 }
 
+/// Boots 64-bit `code` wrapped in an ELF image.
+fn boot_elf(name: &str, code: Vec<u8>, args: &[&str]) -> Output {
+    boot(name, &tg::elf64(&code, tg::DEFAULT_LOAD_ADDR), args)
+}
+
 macro_rules! require_kvm {
     () => {
         if !kvm_available(module_path!()) {
@@ -97,11 +102,7 @@ fn pvh_entry_gets_start_info_in_ebx() {
 #[test]
 fn i8042_reset_ends_the_vm_as_a_reboot() {
     require_kvm!();
-    let out = boot(
-        "reset",
-        &tg::elf64(&tg::i8042_reset(), tg::DEFAULT_LOAD_ADDR),
-        &[],
-    );
+    let out = boot_elf("reset", tg::i8042_reset(), &[]);
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert_eq!(out.stderr, "");
 }
@@ -109,11 +110,7 @@ fn i8042_reset_ends_the_vm_as_a_reboot() {
 #[test]
 fn acpi_power_off_ends_the_vm_with_status_zero() {
     require_kvm!();
-    let out = boot(
-        "poweroff",
-        &tg::elf64(&tg::acpi_poweroff(), tg::DEFAULT_LOAD_ADDR),
-        &[],
-    );
+    let out = boot_elf("poweroff", tg::acpi_poweroff(), &[]);
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert_eq!(out.stderr, "");
 }
@@ -121,22 +118,14 @@ fn acpi_power_off_ends_the_vm_with_status_zero() {
 #[test]
 fn reset_with_the_warm_flag_is_reported_as_a_panic() {
     require_kvm!();
-    let out = boot(
-        "panic",
-        &tg::elf64(&tg::warm_reset(), tg::DEFAULT_LOAD_ADDR),
-        &[],
-    );
+    let out = boot_elf("panic", tg::warm_reset(), &[]);
     out.assert_one_line_error(76, "guest crashed: kernel panic");
 }
 
 #[test]
 fn triple_fault_is_a_guest_crash_with_a_diagnosis() {
     require_kvm!();
-    let out = boot(
-        "triple",
-        &tg::elf64(&tg::triple_fault(), tg::DEFAULT_LOAD_ADDR),
-        &[],
-    );
+    let out = boot_elf("triple", tg::triple_fault(), &[]);
     out.assert_one_line_error(76, "guest crashed: triple fault");
     // The diagnosis names the vCPU, RIP and the bytes of the faulting instruction (ud2).
     assert!(out.stderr.contains("vCPU 0 at RIP 0x"), "{}", out.stderr);
@@ -146,11 +135,7 @@ fn triple_fault_is_a_guest_crash_with_a_diagnosis() {
 #[test]
 fn an_instruction_kvm_cannot_run_ends_with_a_diagnosis() {
     require_kvm!();
-    let out = boot(
-        "int3",
-        &tg::elf64(&tg::int3_without_idt(), tg::DEFAULT_LOAD_ADDR),
-        &[],
-    );
+    let out = boot_elf("int3", tg::int3_without_idt(), &[]);
     eprintln!("{}", out.stderr);
     match out.code() {
         // PVM: the emulator gives up on int3.
@@ -172,11 +157,7 @@ fn an_instruction_kvm_cannot_run_ends_with_a_diagnosis() {
 #[test]
 fn legacy_ports_answer_as_a_pc_would() {
     require_kvm!();
-    let out = boot(
-        "ports",
-        &tg::elf64(&tg::port_probe(), tg::DEFAULT_LOAD_ADDR),
-        &[],
-    );
+    let out = boot_elf("ports", tg::port_probe(), &[]);
     assert_eq!(out.code(), 0, "{}", out.stderr);
     // The RTC reports the host's current year in BCD.
     let year: u64 = String::from_utf8(
@@ -209,11 +190,7 @@ fn legacy_ports_answer_as_a_pc_would() {
 #[test]
 fn wild_accesses_do_not_hurt_the_vmm() {
     require_kvm!();
-    let out = boot(
-        "wild",
-        &tg::elf64(&tg::wild_accesses(), tg::DEFAULT_LOAD_ADDR),
-        &[],
-    );
+    let out = boot_elf("wild", tg::wild_accesses(), &[]);
     assert_eq!(out.code(), 0, "stdout {} stderr {}", out.stdout, out.stderr);
     assert!(out.stdout.ends_with("alive\n"), "{}", out.stdout);
 }

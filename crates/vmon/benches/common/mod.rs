@@ -148,6 +148,32 @@ pub fn compare(
 /// write to it, and QEMU aborts (an assertion in kvm_buf_set_msrs). Harmless elsewhere.
 pub const QEMU_CPU: &str = "host,-arch-capabilities";
 
+/// QEMU microvm with KVM and nothing but a serial console on stdio, as our peer.
+pub fn qemu_microvm(memory: &str, cpus: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        QEMU_CPU,
+        "-smp",
+        cpus,
+        "-m",
+        memory,
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+    ])
+    .args(["-serial", "stdio"]);
+    c
+}
+
 pub fn runs_from_args(default: usize) -> usize {
     std::env::args()
         .skip(1)
