@@ -4,6 +4,9 @@
 //! uses configuration type 1 instead of declaring PCI unusable. Functions other than the
 //! host bridge read as absent (all-ones). Devices will be added behind it.
 
+use serde::{Deserialize, Serialize};
+use vmon_state::Persist;
+
 use crate::bus::BusDevice;
 
 pub const CONFIG_ADDRESS_PORT: u16 = 0xCF8;
@@ -66,6 +69,30 @@ impl BusDevice for PciConfigIo {
     }
 }
 
+/// The configuration address register: which function and register the data window shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigState {
+    pub address: u32,
+}
+
+impl Persist for PciConfigIo {
+    type State = PciConfigState;
+    type Wiring = ();
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<PciConfigState, Self::Error> {
+        Ok(PciConfigState {
+            address: self.address,
+        })
+    }
+
+    fn restore(_: (), state: &PciConfigState) -> Result<Self, Self::Error> {
+        Ok(PciConfigIo {
+            address: state.address,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +133,14 @@ mod tests {
         assert_eq!(read32(&mut dev, 4), 0xFFFF_FFFF);
         select(&mut dev, 3, 0, 0, 0);
         assert_eq!(read32(&mut dev, 4), 0xFFFF_FFFF);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut dev = PciConfigIo::new();
+        select(&mut dev, 0, 0, 0, 8);
+        let mut back = PciConfigIo::restore((), &dev.save().unwrap()).unwrap();
+        assert_eq!(read32(&mut back, 4) >> 16, 0x0600);
     }
 
     #[test]

@@ -6,6 +6,9 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use vmon_state::Persist;
+
 use crate::bus::BusDevice;
 use crate::lifecycle::{GuestStop, StopSignal};
 
@@ -80,6 +83,35 @@ impl BusDevice for PmControl {
     }
 }
 
+/// The PM1 status, enable and control registers as the guest last left them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PmState {
+    pub registers: [u8; 6],
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("PM register state is invalid")]
+pub struct PmStateError;
+
+impl Persist for PmControl {
+    type State = PmState;
+    type Wiring = Arc<StopSignal>;
+    type Error = PmStateError;
+
+    fn save(&self) -> Result<PmState, PmStateError> {
+        Ok(PmState {
+            registers: self.regs,
+        })
+    }
+
+    fn restore(stop: Arc<StopSignal>, state: &PmState) -> Result<Self, PmStateError> {
+        Ok(PmControl {
+            regs: state.registers,
+            stop,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +131,17 @@ mod tests {
         assert_eq!(stop.pending(), None);
         dev.write(4, &(S5 | SLP_EN).to_le_bytes());
         assert_eq!(stop.pending(), Some(GuestStop::PowerOff));
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut dev, stop) = device();
+        dev.write(2, &[0x20, 0x01]);
+        let state = dev.save().unwrap();
+        let mut back = PmControl::restore(stop, &state).unwrap();
+        let mut w = [0u8; 2];
+        back.read(2, &mut w);
+        assert_eq!(w, [0x20, 0x01]);
     }
 
     #[test]
