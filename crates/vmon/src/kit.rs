@@ -15,8 +15,16 @@ pub struct Kit {
 
 impl Kit {
     fn at(dir: PathBuf) -> Result<Kit, String> {
+        // The uncompressed vmlinux (booted through its PVH entry) when the kit has one: it
+        // spares the guest decompressing itself, a third of a stock boot in the lab. The
+        // bzImage it came from is the fallback.
+        let vmlinux = dir.join("vmlinux");
         let kit = Kit {
-            kernel: dir.join("vmlinuz"),
+            kernel: if vmlinux.is_file() {
+                vmlinux
+            } else {
+                dir.join("vmlinuz")
+            },
             initrd: dir.join("initramfs.cpio.gz"),
             dir,
         };

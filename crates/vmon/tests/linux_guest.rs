@@ -139,6 +139,62 @@ fn command_stdout_is_exactly_vmons_stdout() {
     );
 }
 
+/// The default guest kit's directory: $VMON_KIT, or what `vmon kit` builds.
+fn kit_dir() -> String {
+    std::env::var("VMON_KIT").unwrap_or_else(|_| {
+        let out = run_vmon(&["kit"], BOOT_TIMEOUT);
+        assert_eq!(out.code(), 0, "vmon kit: {}", out.stderr);
+        out.stdout.trim().to_string()
+    })
+}
+
+#[test]
+fn bzimage_boots_through_the_64bit_protocol() {
+    if !linux_tier("bzimage_boots_through_the_64bit_protocol") {
+        return;
+    }
+    // The default guest boots the kit's uncompressed vmlinux (PVH entry); this boots the
+    // compressed bzImage it came from, through the Linux 64-bit boot protocol.
+    let kit = kit_dir();
+    let kernel = format!("{kit}/vmlinuz");
+    let initrd = format!("{kit}/initramfs.cpio.gz");
+    let out = guest(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cpus",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo cpus=$(nproc); echo boot=$(dmesg | grep -c 'Booting paravirtualized kernel')",
+    ]);
+    assert_eq!(out.code(), 0);
+    assert_eq!(field(&out, "cpus"), "2");
+}
+
+#[test]
+fn default_guest_boots_the_uncompressed_kernel_via_pvh() {
+    if !linux_tier("default_guest_boots_the_uncompressed_kernel_via_pvh") {
+        return;
+    }
+    if !std::path::Path::new(&format!("{}/vmlinux", kit_dir())).is_file() {
+        eprintln!("SKIPPED: this kit has no uncompressed vmlinux");
+        return;
+    }
+    // Loaded from the ELF file, the kernel sits at its link address (16 MiB); a bzImage
+    // would have decompressed itself to a randomised (KASLR) address.
+    let out = guest(&["run", "--", "sh", "-c", "grep 'Kernel code' /proc/iomem"]);
+    assert_eq!(out.code(), 0);
+    assert!(
+        out.stdout.trim_start().starts_with("01000000-"),
+        "{}",
+        out.stdout
+    );
+}
+
 #[test]
 fn guest_reboot_ends_vmon() {
     if !linux_tier("guest_reboot_ends_vmon") {
