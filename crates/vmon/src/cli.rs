@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
+use vmon_hypervisor::Hypervisor;
 use vmon_memory::MemSize;
 use vmon_vmm::{exit_codes, Machine, VmConfig, VmmError};
 
@@ -181,13 +182,22 @@ pub fn main() -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
-    let (kernel, initrd) = match (args.kernel, args.initrd) {
-        (Some(kernel), initrd) => (kernel, initrd),
-        (None, initrd) => match kit::ensure(false) {
-            Ok(kit) => (kit.kernel, Some(initrd.unwrap_or(kit.initrd))),
-            Err(e) => return fail(e, exit_codes::NO_INPUT),
-        },
-    };
+    let (kernel, initrd) =
+        match (args.kernel, args.initrd) {
+            (Some(kernel), initrd) => (kernel, initrd),
+            // On a PVM host the stock kernel would run for a minute in KVM's instruction
+            // emulator and then fail; say so at once instead.
+            (None, _) if Hypervisor::is_pvm() => return fail(
+                "KVM is not usable for the default guest: this host's /dev/kvm is PVM (kvm_pvm), \
+                 on which a stock Linux kernel cannot boot; use a host with VT-x/AMD-V, or the \
+                 lab (scripts/lab.sh)",
+                exit_codes::KVM_UNAVAILABLE,
+            ),
+            (None, initrd) => match kit::ensure(false) {
+                Ok(kit) => (kit.kernel, Some(initrd.unwrap_or(kit.initrd))),
+                Err(e) => return fail(e, exit_codes::NO_INPUT),
+            },
+        };
     let config = VmConfig {
         cmdline: guest_cmdline(
             args.cmdline.as_deref(),

@@ -192,3 +192,18 @@ fn help_is_not_an_error() {
     assert_eq!(out.code(), 0);
     assert!(out.stdout.contains("--memory"));
 }
+
+#[test]
+fn default_guest_on_a_pvm_host_is_refused_at_once() {
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!("SKIPPED: not a PVM host; there the default guest boots");
+        return;
+    }
+    let out = run_vmon(&["run", "--", "true"], T);
+    out.assert_one_line_error(69, "this host's /dev/kvm is PVM");
+    assert!(
+        out.elapsed < Duration::from_secs(5),
+        "took {:?}",
+        out.elapsed
+    );
+}
