@@ -110,20 +110,55 @@ fn shell_quote(arg: &str) -> String {
     }
 }
 
+/// What the guest's init should know about the host's terminal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct HostTerminal {
+    /// stdout is a terminal: keep the guest tty's echo and \n -> \r\n translation.
+    tty: bool,
+    /// Columns and rows, so full-screen programs in the guest fit.
+    size: Option<(u16, u16)>,
+}
+
+impl HostTerminal {
+    fn probe() -> Self {
+        let tty = std::io::stdout().is_terminal();
+        // SAFETY: winsize is plain data that TIOCGWINSZ fills in; a failed ioctl leaves it
+        // zeroed, which we discard below.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and pointer to a winsize.
+        let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+        let size = (tty && ok && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row));
+        HostTerminal { tty, size }
+    }
+
+    /// The `vmon.tty` / `vmon.winsize` keys of the guest init's contract (docs/guest-kit.md).
+    fn init_keys(&self) -> String {
+        let mut keys = format!(" vmon.tty={}", u8::from(self.tty));
+        if let Some((cols, rows)) = self.size {
+            keys.push_str(&format!(" vmon.winsize={cols}x{rows}"));
+        }
+        keys
+    }
+}
+
 /// The guest command line for a run: the user's, or vmon's default; in command mode the
-/// console moves to COM2 (vmon's stderr) so COM1 carries only the command's output.
-fn guest_cmdline(user: Option<&str>, command: &[String], stdout_is_tty: bool) -> String {
+/// console moves to COM2 (vmon's stderr) so COM1 carries only the command's output. The
+/// default guest's init also learns about the host terminal, so an interactive shell echoes
+/// and wraps lines as the terminal expects.
+fn guest_cmdline(user: Option<&str>, command: &[String], terminal: HostTerminal) -> String {
     let mut cmdline = match user {
         Some(user) => user.to_string(),
-        None if command.is_empty() => format!("console=ttyS0 {BASE_CMDLINE}"),
+        None if command.is_empty() => {
+            format!("console=ttyS0 {BASE_CMDLINE}{}", terminal.init_keys())
+        }
         None => format!("console=ttyS1 {BASE_CMDLINE}"),
     };
     if !command.is_empty() {
         let script: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
         cmdline.push_str(&format!(
-            " vmon.cmd={} vmon.tty={}",
+            " vmon.cmd={}{}",
             base64::encode(script.join(" ").as_bytes()),
-            u8::from(stdout_is_tty)
+            terminal.init_keys()
         ));
     }
     cmdline
@@ -202,7 +237,7 @@ fn run(args: RunArgs) -> i32 {
         cmdline: guest_cmdline(
             args.cmdline.as_deref(),
             &args.command,
-            std::io::stdout().is_terminal(),
+            HostTerminal::probe(),
         ),
         initrd,
         cpus: args.cpus,
@@ -245,16 +280,32 @@ mod tests {
     #[test]
     fn command_mode_moves_the_console_and_encodes_the_command() {
         let cmd = vec!["sh".to_string(), "-c".to_string(), "exit 7".to_string()];
-        let line = guest_cmdline(None, &cmd, false);
+        let line = guest_cmdline(None, &cmd, HostTerminal::default());
         assert!(line.starts_with("console=ttyS1 "), "{line}");
         let encoded = base64::encode(b"sh -c 'exit 7'");
         assert!(
             line.ends_with(&format!(" vmon.cmd={encoded} vmon.tty=0")),
             "{line}"
         );
-        assert!(guest_cmdline(None, &[], true).starts_with("console=ttyS0 "));
+        let tty = HostTerminal {
+            tty: true,
+            size: Some((120, 40)),
+        };
+        let interactive = guest_cmdline(None, &[], tty);
+        assert!(interactive.starts_with("console=ttyS0 "), "{interactive}");
+        assert!(
+            interactive.ends_with(" vmon.tty=1 vmon.winsize=120x40"),
+            "{interactive}"
+        );
+        let piped = guest_cmdline(None, &[], HostTerminal::default());
+        assert!(piped.ends_with(" vmon.tty=0"), "{piped}");
+        let cmd_on_tty = guest_cmdline(None, &cmd, tty);
+        assert!(
+            cmd_on_tty.ends_with(" vmon.tty=1 vmon.winsize=120x40"),
+            "{cmd_on_tty}"
+        );
         assert_eq!(
-            guest_cmdline(Some("root=/dev/vda"), &[], false),
+            guest_cmdline(Some("root=/dev/vda"), &[], tty),
             "root=/dev/vda"
         );
     }
