@@ -4,10 +4,10 @@
 mod common;
 
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, Scratch, VMON};
+use common::{first_line, kvm_available, spawn_vmon, Scratch};
 use vmon_tinyguest as tg;
 
 fn openpty() -> (OwnedFd, OwnedFd) {
@@ -43,24 +43,17 @@ fn same(a: &libc::termios, b: &libc::termios) -> bool {
 }
 
 /// Runs vmon with a pty as stdin; `during` is called once the guest has printed its first
-/// line, with the child's pid. Returns the exit code.
+/// line, with the child's pid, the pty's slave (vmon's stdin) and master (the keyboard).
+/// Returns the exit code and the terminal settings before and after.
 fn run_on_pty(
     args: &[&str],
-    mut during: impl FnMut(u32, &OwnedFd),
+    mut during: impl FnMut(u32, &OwnedFd, &OwnedFd),
 ) -> (i32, libc::termios, libc::termios) {
-    let (_master, slave) = openpty();
+    let (master, slave) = openpty();
     let before = termios(&slave);
-    let mut child = Command::new(VMON)
-        .args(args)
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    let _ = std::io::BufRead::read_line(&mut stdout, &mut first);
-    during(child.id(), &slave);
+    let mut child = spawn_vmon(args, Stdio::from(slave.try_clone().unwrap()));
+    first_line(&mut child);
+    during(child.id(), &slave, &master);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -91,7 +84,7 @@ fn raw_while_running_restored_after_a_signal() {
             "--memory",
             "64M",
         ],
-        |pid, slave| {
+        |pid, slave, _| {
             let now = termios(slave);
             raw_seen = now.c_lflag & libc::ICANON == 0 && now.c_lflag & libc::ECHO == 0;
             // SAFETY: signalling our own child.
@@ -131,7 +124,7 @@ fn restored_after_guest_exit_and_crash() {
                 "--memory",
                 "64M",
             ],
-            |_, _| {},
+            |_, _, _| {},
         );
         assert_eq!(code, expected);
         assert!(
@@ -143,7 +136,7 @@ fn restored_after_guest_exit_and_crash() {
 
 #[test]
 fn untouched_by_errors_before_the_guest_starts() {
-    let (code, before, after) = run_on_pty(&["run", "--kernel", "/nonexistent"], |_, _| {});
+    let (code, before, after) = run_on_pty(&["run", "--kernel", "/nonexistent"], |_, _, _| {});
     assert_eq!(code, 66);
     assert!(same(&before, &after));
 }
@@ -158,29 +151,16 @@ fn console_escape_quits() {
         "g",
         &tg::elf64(&tg::print_then_spin(b"up\n"), tg::DEFAULT_LOAD_ADDR),
     );
-    let (master, slave) = openpty();
-    let before = termios(&slave);
-    let mut child = Command::new(VMON)
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "64M",
-        ])
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
-    // Ctrl-A x, typed on the terminal.
-    // SAFETY: writing two bytes from a valid buffer to the pty master.
-    let n = unsafe { libc::write(master.as_raw_fd(), b"\x01x".as_ptr().cast(), 2) };
-    assert_eq!(n, 2);
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
-    assert!(same(&before, &termios(&slave)));
+    let kernel = kernel.to_str().unwrap();
+    let (code, before, after) = run_on_pty(
+        &["run", "--kernel", kernel, "--memory", "64M"],
+        |_, _, master| {
+            // Ctrl-A x, typed on the terminal.
+            // SAFETY: writing two bytes from a valid buffer to the pty master.
+            let n = unsafe { libc::write(master.as_raw_fd(), b"\x01x".as_ptr().cast(), 2) };
+            assert_eq!(n, 2);
+        },
+    );
+    assert_eq!(code, 130);
+    assert!(same(&before, &after));
 }

@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, run_vmon, Output, Scratch, VMON};
+use common::{first_line, kvm_available, run_vmon, spawn_vmon, Output, Scratch};
 use vmon_tinyguest as tg;
 
 const T: Duration = Duration::from_secs(60);
@@ -222,19 +222,11 @@ fn console_input_reaches_the_guest() {
         "guest",
         &tg::elf64(&tg::serial_echo(input.len() as u32), tg::DEFAULT_LOAD_ADDR),
     );
-    let mut child = Command::new(VMON)
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "64M",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let mut child = spawn_vmon(
+        &["run", "--kernel", kernel, "--memory", "64M"],
+        Stdio::piped(),
+    );
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(input.as_bytes()).unwrap();
     drop(stdin);
@@ -255,24 +247,10 @@ fn sigterm_and_sigint_stop_the_vm_cleanly() {
             "guest",
             &tg::elf64(&tg::print_then_spin(b"spinning\n"), tg::DEFAULT_LOAD_ADDR),
         );
-        let mut child = Command::new(VMON)
-            .args([
-                "run",
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--memory",
-                "64M",
-                "--cpus",
-                "2",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
+        let kernel = kernel.to_str().unwrap();
+        let args = ["run", "--kernel", kernel, "--memory", "64M", "--cpus", "2"];
+        let mut child = spawn_vmon(&args, Stdio::null());
+        let line = first_line(&mut child);
         assert_eq!(line, "spinning\n");
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(child.id() as i32, signal) };

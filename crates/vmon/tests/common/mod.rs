@@ -62,6 +62,25 @@ impl Output {
     }
 }
 
+/// Starts vmon with `args` and `stdin`; its stdout and stderr are pipes.
+pub fn spawn_vmon(args: &[&str], stdin: Stdio) -> Child {
+    Command::new(VMON)
+        .args(args)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmon")
+}
+
+/// Reads the first line the guest prints: once it is there, the guest is running.
+pub fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let _ = std::io::BufRead::read_line(&mut stdout, &mut line);
+    line
+}
+
 /// Runs vmon with `args`, stdin from /dev/null, killing it after `timeout`.
 pub fn run_vmon(args: &[&str], timeout: Duration) -> Output {
     run_vmon_env(args, &[], timeout)
