@@ -11,12 +11,23 @@
 //! legacy devices keep working exactly as with the MP table. SMI_CMD is 0: ACPI is always
 //! on, there is no legacy mode to switch from.
 //!
+//! Why the DSDT declares a PCI root bridge (`\_SB.PCI0`): once ACPI is on, Linux on x86
+//! finds PCI buses only through ACPI host bridges (`pci_acpi_init` succeeds, so the legacy
+//! config-space probe `pci_legacy_init` never scans), and it takes the bridge's `_CRS` as
+//! the only address windows devices may decode. So the DSDT describes bus 0 behind config
+//! mechanism #1 (0xCF8..0xCFF) with the I/O space around those ports and the 32-bit MMIO
+//! hole below the IOAPIC as windows. PCI BARs the VMM places inside that memory window are
+//! claimed as they are, not reassigned. The bridge is a conventional PCI root (`PNP0A03`,
+//! not PCIe's `PNP0A08`): there is no MCFG/ECAM and no `_OSC`, and no `_PRT` because the
+//! devices interrupt with MSI-X only.
+//!
 //! Layout: all tables in the BIOS area below the MP table's region, RSDP first (Linux also
 //! finds it through the zero page's `acpi_rsdp_addr` and PVH's `rsdp_paddr`).
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
-use vmon_memory::layout::{IOAPIC_ADDRESS, LAPIC_ADDRESS};
+use vmon_memory::layout::{IOAPIC_ADDRESS, LAPIC_ADDRESS, MMIO_HOLE_START};
 
+use crate::aml;
 use crate::BootError;
 
 /// Guest-physical address of the RSDP; the other tables follow it.
@@ -54,6 +65,15 @@ const MADT_FLAG_PCAT_COMPAT: u32 = 1;
 const GAS_SYSTEM_IO: u8 = 1;
 const GAS_ACCESS_WORD: u8 = 2;
 const RTC_CENTURY_REGISTER: u8 = 0x32;
+/// PCI configuration mechanism #1: address and data registers at 0xCF8..0xD00 (fixed by the
+/// PCI spec; the device answering there is in vmon-devices).
+const PCI_CONFIG_PORT: u16 = 0xCF8;
+const PCI_CONFIG_PORT_COUNT: u8 = 8;
+/// The root bridge's 32-bit memory window: the MMIO hole up to the IOAPIC, where the VMM
+/// places BARs.
+const PCI_MMIO_WINDOW_START: u32 = MMIO_HOLE_START as u32;
+const PCI_MMIO_WINDOW_END: u32 = (IOAPIC_ADDRESS - 1) as u32;
+const _: () = assert!(MMIO_HOLE_START < IOAPIC_ADDRESS && IOAPIC_ADDRESS <= 1 << 32);
 
 fn checksum(bytes: &[u8]) -> u8 {
     bytes
@@ -103,17 +123,60 @@ fn io_port_gas(port: u16, bytes: u8) -> [u8; 12] {
     g
 }
 
-/// The DSDT: only `Name (_S5, Package () { 5, 5, 0, 0 })`, encoded in AML by hand (ACPI 6
-/// §20: NameOp, NameString, PackageOp, PkgLength, NumElements, BytePrefix values, ZeroOp).
+/// The DSDT, encoded in AML by hand (see [`aml`]):
+///
+/// ```text
+/// Name (_S5, Package () { s5_type, s5_type, 0, 0 })
+/// Scope (\_SB) { Device (PCI0) { ... } }    // see pci_root
+/// ```
 fn dsdt(s5_type: u8) -> Vec<u8> {
-    let s5 = [
-        0x08, b'_', b'S', b'5', b'_', // Name(_S5_,
-        0x12, 0x08, 0x04, // Package, length 8 (itself included), 4 elements
-        0x0A, s5_type, 0x0A, s5_type, 0x00, 0x00,
-    ];
+    let s5 = aml::package(&[
+        aml::integer(s5_type.into()),
+        aml::integer(s5_type.into()),
+        aml::integer(0),
+        aml::integer(0),
+    ]);
     let mut t = Sdt::new(b"DSDT", 2);
-    t.push(&s5);
+    t.push(&aml::name("_S5", &s5))
+        .push(&aml::scope("\\_SB", &pci_root()));
     t.finish()
+}
+
+/// `Device (PCI0)`: the root bridge of PCI segment 0, bus 0. No `_ADR`: a device has `_HID`
+/// or `_ADR`, not both (iasl warns).
+///
+/// ```text
+/// Name (_HID, EisaId ("PNP0A03"))   Name (_SEG, 0)   Name (_BBN, 0)   Name (_UID, 0)
+/// Name (_CRS, ResourceTemplate () {
+///     WordBusNumber 0..0
+///     IO (Decode16, 0xCF8, 0xCF8, 1, 8)            the config ports, consumed by the bridge
+///     WordIO 0x0000..0x0CF7, WordIO 0x0D00..0xFFFF  the rest of I/O space, forwarded
+///     DWordMemory 0xC0000000..0xFEBFFFFF           the MMIO hole below the IOAPIC
+/// })
+/// ```
+fn pci_root() -> Vec<u8> {
+    let config_end = PCI_CONFIG_PORT + u16::from(PCI_CONFIG_PORT_COUNT);
+    let crs = aml::resource_template(&[
+        aml::word_bus_number(0, 0),
+        aml::io(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORT_COUNT),
+        aml::word_io(0, PCI_CONFIG_PORT - 1),
+        aml::word_io(config_end, u16::MAX),
+        aml::dword_memory(
+            PCI_MMIO_WINDOW_START,
+            PCI_MMIO_WINDOW_END,
+            aml::Caching::NonCacheable,
+            true,
+        ),
+    ]);
+    let body = [
+        aml::name("_HID", &aml::eisa_id_object("PNP0A03")),
+        aml::name("_SEG", &aml::integer(0)),
+        aml::name("_BBN", &aml::integer(0)),
+        aml::name("_UID", &aml::integer(0)),
+        aml::name("_CRS", &crs),
+    ]
+    .concat();
+    aml::device("PCI0", &body)
 }
 
 fn fadt(dsdt_addr: u64, pm: PmRegisters) -> Vec<u8> {
@@ -331,8 +394,195 @@ mod tests {
         assert_eq!(&aml[1..5], b"_S5_");
         assert_eq!(aml[5], 0x12, "PackageOp");
         // PkgLength counts itself and everything after it in the package.
-        assert_eq!(aml[6] as usize, aml.len() - 6);
+        assert_eq!(aml[6], 8);
         assert_eq!(aml[7], 4, "four elements");
         assert_eq!(&aml[8..10], &[0x0A, 5], "SLP_TYP_a");
+        assert_eq!(&aml[10..14], &[0x0A, 5, 0x00, 0x00]);
+        assert_eq!(aml[14], 0x10, "ScopeOp follows the package");
+    }
+
+    /// A named object of the DSDT: its full path and the bytes of its value.
+    #[derive(Debug)]
+    struct Named {
+        path: String,
+        value: Vec<u8>,
+    }
+
+    /// (value, bytes used) of the PkgLength at the start of `b`.
+    fn pkg_len(b: &[u8]) -> (usize, usize) {
+        let extra = usize::from(b[0] >> 6);
+        if extra == 0 {
+            return (usize::from(b[0]), 1);
+        }
+        let v = (0..extra).fold(usize::from(b[0] & 0xF), |v, i| {
+            v | usize::from(b[1 + i]) << (4 + 8 * i)
+        });
+        (v, 1 + extra)
+    }
+
+    /// A NameString of one segment, optionally rooted: (name, bytes used).
+    fn name_at(b: &[u8]) -> (String, usize) {
+        let root = usize::from(b[0] == b'\\');
+        let seg = std::str::from_utf8(&b[root..root + 4]).unwrap();
+        (
+            format!("{}{seg}", if root == 1 { "\\" } else { "" }),
+            root + 4,
+        )
+    }
+
+    /// Length of the data object (integer, string, buffer, package) at the start of `b`.
+    fn data_object_len(b: &[u8]) -> usize {
+        match b[0] {
+            0x00 | 0x01 => 1,
+            0x0A => 2,
+            0x0B => 3,
+            0x0C => 5,
+            0x0E => 9,
+            0x0D => b.iter().position(|&c| c == 0).unwrap() + 1,
+            0x11 | 0x12 => 1 + pkg_len(&b[1..]).0,
+            op => panic!("unexpected data object opcode {op:#x}"),
+        }
+    }
+
+    /// Walks a TermList of Name, Scope and Device objects, checking every length lines up.
+    fn walk_terms(mut b: &[u8], scope: &str, out: &mut Vec<Named>) {
+        let join = |name: &str| {
+            if name.starts_with('\\') {
+                name.to_string()
+            } else if scope == "\\" {
+                format!("\\{name}")
+            } else {
+                format!("{scope}.{name}")
+            }
+        };
+        while !b.is_empty() {
+            let used = match b {
+                [0x08, rest @ ..] => {
+                    let (name, n) = name_at(rest);
+                    let len = data_object_len(&rest[n..]);
+                    out.push(Named {
+                        path: join(&name),
+                        value: rest[n..n + len].to_vec(),
+                    });
+                    1 + n + len
+                }
+                [0x10, ..] | [0x5B, 0x82, ..] => {
+                    let op = if b[0] == 0x10 { 1 } else { 2 };
+                    let (len, p) = pkg_len(&b[op..]);
+                    let block = &b[op..op + len];
+                    let (name, n) = name_at(&block[p..]);
+                    let path = join(&name);
+                    out.push(Named {
+                        path: path.clone(),
+                        value: Vec::new(),
+                    });
+                    walk_terms(&block[p + n..], &path, out);
+                    op + len
+                }
+                _ => panic!("unexpected AML at {:02x?}", &b[..b.len().min(8)]),
+            };
+            b = &b[used..];
+        }
+    }
+
+    /// Splits a resource template into descriptors, checking the end tag and its checksum.
+    fn resource_descriptors(buffer: &[u8]) -> Vec<Vec<u8>> {
+        assert_eq!(buffer[0], 0x11, "BufferOp");
+        let (len, p) = pkg_len(&buffer[1..]);
+        assert_eq!(1 + len, buffer.len());
+        let size_len = data_object_len(&buffer[1 + p..]);
+        let data = &buffer[1 + p + size_len..];
+        assert_eq!(&buffer[1 + p..1 + p + size_len], &[0x0A, data.len() as u8]);
+        assert_eq!(sum(data), 0, "end tag checksum");
+        let mut descriptors = Vec::new();
+        let mut rest = data;
+        loop {
+            let n = if rest[0] & 0x80 == 0 {
+                1 + usize::from(rest[0] & 7)
+            } else {
+                3 + usize::from(u16::from_le_bytes([rest[1], rest[2]]))
+            };
+            if rest[0] == 0x79 {
+                assert_eq!(n, rest.len(), "the end tag is last");
+                return descriptors;
+            }
+            descriptors.push(rest[..n].to_vec());
+            rest = &rest[n..];
+        }
+    }
+
+    #[test]
+    fn dsdt_declares_exactly_s5_and_the_pci_root_bridge() {
+        let d = dsdt(5);
+        assert_eq!(u32_at(&d, 4) as usize, d.len());
+        assert_eq!(sum(&d), 0);
+        let mut named = Vec::new();
+        walk_terms(&d[HEADER_LEN..], "\\", &mut named);
+        let paths: Vec<&str> = named.iter().map(|n| n.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "\\_S5_",
+                "\\_SB_",
+                "\\_SB_.PCI0",
+                "\\_SB_.PCI0._HID",
+                "\\_SB_.PCI0._SEG",
+                "\\_SB_.PCI0._BBN",
+                "\\_SB_.PCI0._UID",
+                "\\_SB_.PCI0._CRS",
+            ]
+        );
+        let value = |p: &str| &named.iter().find(|n| n.path == p).unwrap().value;
+        assert_eq!(
+            value("\\_SB_.PCI0._HID")[..],
+            [0x0C, 0x41, 0xD0, 0x0A, 0x03],
+            "EisaId (PNP0A03)"
+        );
+        for zero in ["_SEG", "_BBN", "_UID"] {
+            assert_eq!(value(&format!("\\_SB_.PCI0.{zero}"))[..], [0x00], "{zero}");
+        }
+
+        let crs = resource_descriptors(value("\\_SB_.PCI0._CRS"));
+        let u16_at = |b: &[u8], off: usize| u64::from(u16::from_le_bytes([b[off], b[off + 1]]));
+        // (resource type, min, max) of each address space window, all fixed producers.
+        let mut windows = Vec::new();
+        for desc in crs.iter().filter(|d| d[0] & 0x80 != 0) {
+            assert_eq!(
+                desc[4], 0b1100,
+                "MinFixed, MaxFixed, PosDecode, ResourceProducer"
+            );
+            let (min, max, len) = match desc[0] {
+                0x88 => (u16_at(desc, 8), u16_at(desc, 10), u16_at(desc, 14)),
+                0x87 => (
+                    u64::from(u32_at(desc, 10)),
+                    u64::from(u32_at(desc, 14)),
+                    u64::from(u32_at(desc, 22)),
+                ),
+                tag => panic!("unexpected descriptor {tag:#x}"),
+            };
+            assert_eq!(len, max - min + 1);
+            windows.push((desc[3], min, max));
+        }
+        assert_eq!(
+            windows,
+            [
+                (2, 0, 0),
+                (1, 0, 0xCF7),
+                (1, 0xD00, 0xFFFF),
+                (0, MMIO_HOLE_START, IOAPIC_ADDRESS - 1),
+            ]
+        );
+        assert_eq!(crs[1], [0x47, 0x01, 0xF8, 0x0C, 0xF8, 0x0C, 0x01, 0x08]);
+        let mem = &crs[4];
+        assert_eq!(mem[5], 0x01, "non-cacheable, read-write");
+    }
+
+    /// Writes the DSDT to the file named by `VMON_DSDT_OUT`, for `iasl -d`; does nothing
+    /// without it.
+    #[test]
+    fn dump_dsdt_when_asked() {
+        if let Some(path) = std::env::var_os("VMON_DSDT_OUT") {
+            std::fs::write(path, dsdt(5)).unwrap();
+        }
     }
 }

@@ -6,6 +6,8 @@
 //! - [`params`] writes the zero page (Linux boot protocol) or the PVH start_info.
 //! - [`gdt`], [`paging`] build the descriptor table and identity page tables for the entry mode.
 //! - [`mptable`] describes CPUs and interrupt routing so the guest brings up every vCPU.
+//! - [`acpi`] builds the ACPI tables (CPUs, power-off, the PCI root bridge); [`aml`] encodes
+//!   the DSDT's AML.
 //!
 //! The result is a [`BootCpuState`]: plain numbers the hypervisor crate loads into the boot
 //! vCPU. This crate knows nothing about KVM.
@@ -13,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod acpi;
+pub mod aml;
 pub mod gdt;
 pub mod initrd;
 pub mod kernel;
