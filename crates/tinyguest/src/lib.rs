@@ -15,7 +15,9 @@
 mod asm;
 pub mod image;
 pub mod programs;
+pub mod script;
 
 pub use asm::{COM1, COM1_LSR, EXIT_PORT};
 pub use image::*;
 pub use programs::*;
+pub use script::{parse_values, script_elf, script_runner, value_line, Script};
