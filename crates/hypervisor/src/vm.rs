@@ -1,11 +1,14 @@
 //! The VM: in-kernel interrupt controllers and timer, and guest memory registered as slots.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::sync::Arc;
+
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmon_memory::layout::KVM_TSS_ADDRESS;
 use vmon_memory::GuestMemory as VmonGuestMemory;
 
+use crate::irq::GsiRouting;
 use crate::kvm::Hypervisor;
 use crate::vcpu::Vcpu;
 
@@ -27,7 +30,8 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 const MAX_SLOT_SIZE: u64 = 1 << 42;
 
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
+    routing: Arc<GsiRouting>,
 }
 
 impl Vm {
@@ -69,7 +73,16 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        Ok(Vm { fd })
+        let fd = Arc::new(fd);
+        Ok(Vm {
+            routing: Arc::new(GsiRouting::new(fd.clone())),
+            fd,
+        })
+    }
+
+    /// The VM's interrupt routing, shared by every device that allocates MSI vectors.
+    pub fn gsi_routing(&self) -> &Arc<GsiRouting> {
+        &self.routing
     }
 
     pub fn fd(&self) -> &VmFd {
