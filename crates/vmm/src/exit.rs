@@ -111,6 +111,8 @@ pub enum VmmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the devices: {0}")]
     Devices(String),
+    #[error("--disk: {0}")]
+    Disk(#[from] vmon_virtio::block::DiskError),
     #[error("{what}: {source}")]
     Host {
         what: &'static str,
@@ -145,6 +147,16 @@ impl VmmError {
                 BootError::GuestMemory(_) => USAGE,
             },
             VmmError::Vm(_) | VmmError::Vcpu(_) | VmmError::Devices(_) => VMM_FAULT,
+            VmmError::Disk(e) => match e {
+                vmon_virtio::block::DiskError::Open { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound
+                        || source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    NO_INPUT
+                }
+                vmon_virtio::block::DiskError::SerialTooLong(_) => USAGE,
+                _ => NO_INPUT,
+            },
         }
     }
 }

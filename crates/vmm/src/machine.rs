@@ -25,8 +25,13 @@ use vmon_devices::{Bus, BusDevice, GuestStop, StopSignal};
 use vmon_hypervisor::{CpuProfile, Hypervisor, Vcpu, Vm};
 use vmon_memory::{create_guest_memory, GuestMemory, HostMemory, MemoryLayout};
 
+use vmon_virtio::block::{Block, Disk};
+use vmon_virtio::rng::Rng;
+use vmon_virtio::VirtioDevice;
+
 use crate::config::VmConfig;
 use crate::exit::{VmOutcome, VmmError};
+use crate::pci_devices::PciSpace;
 use crate::signals::{self, StopSignals};
 use crate::terminal::RawTerminal;
 use crate::vcpu_loop::{self, OutcomeSlot, VcpuContext};
@@ -81,6 +86,11 @@ impl Machine {
         if let Some(initrd) = &config.initrd {
             vmon_boot::initrd::check(initrd)?;
         }
+        let disks = config
+            .disks
+            .iter()
+            .map(Disk::open)
+            .collect::<Result<Vec<_>, _>>()?;
         let hypervisor = Hypervisor::open()?;
         let max_cpus = (hypervisor.max_vcpus() as u32).min(mptable::MAX_CPUS);
         if config.cpus > max_cpus {
@@ -152,8 +162,21 @@ impl Machine {
             power::PM_PORTS.0,
             power::PM_PORTS.1,
         )?;
+        let mut pci_root = PciConfigIo::new();
+        let mut mmio = Bus::new();
+        let mut pci_space = PciSpace::new()?;
+        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for (i, disk) in disks.into_iter().enumerate() {
+            virtio.push(Box::new(Block::new(disk, format!("disk{i}"))));
+        }
+        if config.rng {
+            virtio.push(Box::new(Rng::new()));
+        }
+        for device in virtio {
+            pci_space.attach(&vm, &memory, &mut pci_root, &mut mmio, device)?;
+        }
         add(
-            Arc::new(Mutex::new(PciConfigIo::new())),
+            Arc::new(Mutex::new(pci_root)),
             pci::CONFIG_ADDRESS_PORT,
             pci::CONFIG_PORTS,
         )?;
@@ -176,7 +199,7 @@ impl Machine {
             _hypervisor: hypervisor,
             memory,
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             console,
             stop,
             console_input: config.console_input,

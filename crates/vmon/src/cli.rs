@@ -7,6 +7,7 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use vmon_hypervisor::Hypervisor;
 use vmon_memory::MemSize;
+use vmon_vmm::config::DiskOptions;
 use vmon_vmm::{exit_codes, Machine, VmConfig, VmmError};
 
 use crate::base64;
@@ -60,6 +61,13 @@ struct RunArgs {
     /// CPU options: nested=on exposes VMX/SVM to the guest
     #[arg(long = "cpu", value_name = "OPTS", value_parser = parse_cpu_options)]
     cpu: Option<CpuOptions>,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on]; repeat for more
+    /// (the guest sees vda, vdb, ... in order)
+    #[arg(long = "disk", value_name = "SPEC", value_parser = vmon_vmm::config::parse_disk)]
+    disks: Vec<DiskOptions>,
+    /// Add a virtio-rng device fed from the host's getrandom
+    #[arg(long)]
+    rng: bool,
     /// Command to run in the guest; its stdout becomes vmon's and its status vmon's
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -92,7 +100,7 @@ Exit status:
   0      the guest powered off or rebooted (or CMD succeeded)
   1-255  with `run -- CMD`: CMD's exit status
   64     bad command line or value      65  kernel/initrd is not a valid image
-  66     kernel/initrd cannot be read   69  KVM is missing or unusable
+  66     kernel/initrd/disk unreadable  69  KVM is missing or unusable
   70     unexpected KVM exit (VMM fault) 71 the host refused memory or threads
   76     the guest crashed (triple fault or kernel panic)
   128+N  stopped by signal N (Ctrl-A x on the console counts as SIGINT)";
@@ -244,6 +252,8 @@ fn run(args: RunArgs) -> i32 {
         memory: args.memory,
         nested: args.cpu.unwrap_or_default().nested,
         console_input: true,
+        disks: args.disks,
+        rng: args.rng,
         ..VmConfig::new(kernel)
     };
     let outcome = Machine::new(&config).and_then(Machine::run);

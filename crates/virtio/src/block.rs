@@ -1,0 +1,573 @@
+//! virtio-blk backed by a raw image file (or host block device).
+//!
+//! Requests are served synchronously on the device's thread, straight between the file
+//! and guest memory with `preadv`/`pwritev` over the request's buffers, no copy in
+//! between. FLUSH is `fdatasync`, so what the guest flushed survives a host crash. DISCARD
+//! and unmapping WRITE_ZEROES punch holes in the file. A read-only disk is opened
+//! read-only: writes fail with an I/O error to the guest and the file cannot change.
+//! Images are locked (shared for read-only, exclusive otherwise) so two VMs cannot write
+//! the same file by mistake.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use vmon_memory::GuestMemory;
+
+use crate::chain::{self, Chain, Popped};
+use crate::worker::{Wake, Worker};
+use crate::{device_id, ActivateError, Activation, VirtioDevice, COMMON_FEATURES};
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// Buffers per request Linux may use besides the header and status.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Largest discard or write-zeroes range per segment, in sectors (2 GiB).
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+const SERIAL_LEN: usize = 20;
+const HEADER_LEN: u64 = 16;
+const SEGMENT_LEN: u64 = 16;
+const IOV_MAX: usize = 1024;
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOptions {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// Up to 20 bytes the guest reads as the disk's serial (`/sys/block/vdX/serial`).
+    pub serial: Option<String>,
+    /// Bypass the host page cache (O_DIRECT).
+    pub direct: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open disk '{path}': {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk '{path}' is in use by another process (it is locked)")]
+    Locked { path: PathBuf },
+    #[error("disk '{path}' is empty: an image needs at least one 512-byte sector")]
+    Empty { path: PathBuf },
+    #[error("disk serial '{0}' is longer than 20 bytes")]
+    SerialTooLong(String),
+}
+
+/// An open image and what the guest may do with it.
+pub struct Disk {
+    file: File,
+    sectors: u64,
+    readonly: bool,
+    direct: bool,
+    serial: [u8; SERIAL_LEN],
+}
+
+impl Disk {
+    pub fn open(opts: &DiskOptions) -> Result<Disk, DiskError> {
+        let open_err = |source| DiskError::Open {
+            path: opts.path.clone(),
+            source,
+        };
+        let mut serial = [0u8; SERIAL_LEN];
+        if let Some(s) = &opts.serial {
+            if s.len() > SERIAL_LEN {
+                return Err(DiskError::SerialTooLong(s.clone()));
+            }
+            serial[..s.len()].copy_from_slice(s.as_bytes());
+        }
+        let mut flags = libc::O_CLOEXEC;
+        if opts.direct {
+            flags |= libc::O_DIRECT;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!opts.readonly)
+            .custom_flags(flags)
+            .open(&opts.path)
+            .map_err(open_err)?;
+        let lock = if opts.readonly {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                DiskError::Locked {
+                    path: opts.path.clone(),
+                }
+            } else {
+                open_err(e)
+            });
+        }
+        let bytes = size_of_file(&file, &opts.path).map_err(open_err)?;
+        if bytes < SECTOR_SIZE {
+            return Err(DiskError::Empty {
+                path: opts.path.clone(),
+            });
+        }
+        if bytes % SECTOR_SIZE != 0 {
+            tracing::warn!(
+                path = %opts.path.display(),
+                bytes,
+                "disk size is not a multiple of 512; the last partial sector is not visible"
+            );
+        }
+        Ok(Disk {
+            file,
+            sectors: bytes / SECTOR_SIZE,
+            readonly: opts.readonly,
+            direct: opts.direct,
+            serial,
+        })
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+}
+
+fn size_of_file(file: &File, path: &Path) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut f = file;
+        return io::Seek::seek(&mut f, io::SeekFrom::End(0));
+    }
+    if !meta.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is neither a regular file nor a block device",
+            path.display()
+        )));
+    }
+    Ok(meta.len())
+}
+
+pub struct Block {
+    disk: Option<Disk>,
+    config: [u8; 60],
+    features: u64,
+    worker: Option<Worker<Disk>>,
+    name: String,
+}
+
+impl Block {
+    pub fn new(disk: Disk, name: String) -> Self {
+        let mut features = COMMON_FEATURES | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if disk.readonly {
+            features |= F_RO;
+        } else {
+            features |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&disk.sectors.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        // Holes are punched in 4 KiB blocks on most filesystems.
+        c[44..48].copy_from_slice(&8u32.to_le_bytes());
+        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
+        Block {
+            disk: Some(disk),
+            config: c,
+            features,
+            worker: None,
+            name,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u16 {
+        device_id::BLOCK
+    }
+
+    fn pci_class(&self) -> u32 {
+        0x01_8000 // mass storage, other
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        if a.queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                got: a.queues.len(),
+                want: 1,
+            });
+        }
+        let mut disk = self.disk.take().ok_or(ActivateError::BackendLost)?;
+        let mut q = a.queues.remove(0);
+        let worker = Worker::spawn(format!("virtio-blk {}", self.name), move |mut events| {
+            let notify = q.notify.as_raw_fd();
+            if let Err(e) = events.add(notify, 0, false) {
+                a.interrupt.fail_device(&format!("watching the queue: {e}"));
+            } else {
+                loop {
+                    let _ = q.notify.read();
+                    let served = chain::serve_all(&mut q.queue, &a.memory, |p| {
+                        handle(&mut disk, &a.memory, p)
+                    });
+                    match served {
+                        Ok(true) => a.interrupt.signal_queue(0),
+                        Ok(false) => {}
+                        Err(e) => {
+                            a.interrupt.fail_device(&e.to_string());
+                            let _ = events.remove(notify);
+                        }
+                    }
+                    if let Wake::Stop = events.wait() {
+                        break;
+                    }
+                }
+            }
+            // Keep the disk until the transport stops us, so a reset can reuse it.
+            while !matches!(events.wait(), Wake::Stop) {}
+            disk
+        })
+        .map_err(ActivateError::Thread);
+        match worker {
+            Ok(w) => {
+                self.worker = Some(w);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.disk = w.stop();
+            if self.disk.is_none() {
+                tracing::error!(disk = %self.name, "virtio-blk thread died; the disk is gone");
+            }
+        }
+    }
+}
+
+/// Serves one request and returns the number of bytes written into its buffers.
+fn handle(disk: &mut Disk, mem: &GuestMemory, p: Popped) -> u32 {
+    let chain = match p.chain {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("virtio-blk: bad descriptor chain: {e}");
+            return 0;
+        }
+    };
+    // The status byte is the last writable byte; without one we cannot even say no.
+    let Some(status_at) = chain.writable_len().checked_sub(1) else {
+        tracing::debug!("virtio-blk: request without a status byte");
+        return 0;
+    };
+    let (status, data_written) = execute(disk, mem, &chain, status_at);
+    if chain.write_at(mem, status_at, &[status]).is_err() {
+        return 0;
+    }
+    data_written + 1
+}
+
+/// Runs the request; returns its status and how many data bytes went to the guest.
+fn execute(disk: &mut Disk, mem: &GuestMemory, chain: &Chain, status_at: u64) -> (u8, u32) {
+    let mut header = [0u8; HEADER_LEN as usize];
+    if chain.read_at(mem, 0, &mut header).is_err() {
+        return (S_IOERR, 0);
+    }
+    let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let out_len = chain.readable_len() - HEADER_LEN;
+    let result = match kind {
+        T_IN => read(disk, mem, chain, sector, status_at).map(|n| n as u32),
+        T_OUT if disk.readonly => Err(S_IOERR),
+        T_OUT => write(disk, mem, chain, sector, out_len).map(|_| 0),
+        T_FLUSH if disk.readonly => Ok(0),
+        // SAFETY: fdatasync on a descriptor we own; no memory is involved.
+        T_FLUSH => match unsafe { libc::fdatasync(disk.file.as_raw_fd()) } {
+            0 => Ok(0),
+            _ => Err(S_IOERR),
+        },
+        T_GET_ID => {
+            let n = status_at.min(SERIAL_LEN as u64) as usize;
+            chain
+                .write_at(mem, 0, &disk.serial[..n])
+                .map(|_| n as u32)
+                .map_err(|_| S_IOERR)
+        }
+        T_DISCARD | T_WRITE_ZEROES if disk.readonly => Err(S_IOERR),
+        T_DISCARD | T_WRITE_ZEROES => discard(disk, mem, chain, kind, out_len).map(|_| 0),
+        _ => Err(S_UNSUPP),
+    };
+    match result {
+        Ok(n) => (S_OK, n),
+        Err(status) => (status, 0),
+    }
+}
+
+/// The byte offset of `sectors` sectors at `sector`, if they lie inside the disk.
+fn byte_range(disk: &Disk, sector: u64, bytes: u64) -> Result<u64, u8> {
+    if !bytes.is_multiple_of(SECTOR_SIZE) {
+        return Err(S_IOERR);
+    }
+    match sector.checked_add(bytes / SECTOR_SIZE) {
+        Some(end) if end <= disk.sectors => Ok(sector * SECTOR_SIZE),
+        _ => Err(S_IOERR),
+    }
+}
+
+fn read(disk: &Disk, mem: &GuestMemory, chain: &Chain, sector: u64, len: u64) -> Result<u64, u8> {
+    let offset = byte_range(disk, sector, len)?;
+    let iov = chain.writable_iovecs(mem, 0, len).map_err(|_| S_IOERR)?;
+    match transfer(&disk.file, iov, offset, Direction::Read) {
+        Ok(()) => Ok(len),
+        Err(e) if disk.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            bounce_read(disk, mem, chain, offset, len).map(|_| len)
+        }
+        Err(e) => {
+            tracing::debug!("virtio-blk: read at {offset}: {e}");
+            Err(S_IOERR)
+        }
+    }
+}
+
+fn write(disk: &Disk, mem: &GuestMemory, chain: &Chain, sector: u64, len: u64) -> Result<(), u8> {
+    let offset = byte_range(disk, sector, len)?;
+    let iov = chain
+        .readable_iovecs(mem, HEADER_LEN, len)
+        .map_err(|_| S_IOERR)?;
+    match transfer(&disk.file, iov, offset, Direction::Write) {
+        Ok(()) => Ok(()),
+        Err(e) if disk.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            bounce_write(disk, mem, chain, offset, len)
+        }
+        Err(e) => {
+            tracing::debug!("virtio-blk: write at {offset}: {e}");
+            Err(S_IOERR)
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// Moves every byte the iovecs describe, resuming after short transfers.
+fn transfer(
+    file: &File,
+    mut iov: Vec<libc::iovec>,
+    mut offset: u64,
+    dir: Direction,
+) -> io::Result<()> {
+    let mut start = 0;
+    while start < iov.len() {
+        let batch = &iov[start..iov.len().min(start + IOV_MAX)];
+        // SAFETY: every iovec points into guest RAM, checked by vm-memory when the chain
+        // was built and mapped for as long as the device thread holds its GuestMemory.
+        // The kernel reads or writes exactly those ranges; the guest racing us on the same
+        // bytes only changes the data, never memory safety.
+        let n = unsafe {
+            match dir {
+                Direction::Read => libc::preadv(
+                    file.as_raw_fd(),
+                    batch.as_ptr(),
+                    batch.len() as i32,
+                    offset as libc::off_t,
+                ),
+                Direction::Write => libc::pwritev(
+                    file.as_raw_fd(),
+                    batch.as_ptr(),
+                    batch.len() as i32,
+                    offset as libc::off_t,
+                ),
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "end of disk file",
+            ));
+        }
+        offset += n as u64;
+        let mut left = n as usize;
+        while left > 0 && start < iov.len() {
+            let v = &mut iov[start];
+            if left >= v.iov_len {
+                left -= v.iov_len;
+                start += 1;
+            } else {
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(left).cast();
+                v.iov_len -= left;
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An O_DIRECT transfer through an aligned buffer, for guest buffers the host's direct
+/// I/O alignment rules refuse.
+fn bounce_read(
+    disk: &Disk,
+    mem: &GuestMemory,
+    chain: &Chain,
+    offset: u64,
+    len: u64,
+) -> Result<(), u8> {
+    let mut buf = AlignedBuf::new(len as usize);
+    let iov = vec![buf.iovec()];
+    transfer(&disk.file, iov, offset, Direction::Read).map_err(|_| S_IOERR)?;
+    chain.write_at(mem, 0, buf.as_slice()).map_err(|_| S_IOERR)
+}
+
+fn bounce_write(
+    disk: &Disk,
+    mem: &GuestMemory,
+    chain: &Chain,
+    offset: u64,
+    len: u64,
+) -> Result<(), u8> {
+    let mut buf = AlignedBuf::new(len as usize);
+    chain
+        .read_at(mem, HEADER_LEN, buf.as_mut_slice())
+        .map_err(|_| S_IOERR)?;
+    let iov = vec![buf.iovec()];
+    transfer(&disk.file, iov, offset, Direction::Write).map_err(|_| S_IOERR)
+}
+
+/// A page-aligned heap buffer.
+struct AlignedBuf {
+    data: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let data = vec![0u8; len + 4096];
+        let start = data.as_ptr().align_offset(4096);
+        AlignedBuf { data, start, len }
+    }
+    fn as_slice(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.len]
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.data[self.start..self.start + self.len]
+    }
+    fn iovec(&mut self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.as_mut_slice().as_mut_ptr().cast(),
+            iov_len: self.len,
+        }
+    }
+}
+
+fn discard(disk: &Disk, mem: &GuestMemory, chain: &Chain, kind: u32, len: u64) -> Result<(), u8> {
+    if len == 0
+        || !len.is_multiple_of(SEGMENT_LEN)
+        || len / SEGMENT_LEN > u64::from(MAX_DISCARD_SEGMENTS)
+    {
+        return Err(S_IOERR);
+    }
+    for i in 0..len / SEGMENT_LEN {
+        let mut seg = [0u8; SEGMENT_LEN as usize];
+        chain
+            .read_at(mem, HEADER_LEN + i * SEGMENT_LEN, &mut seg)
+            .map_err(|_| S_IOERR)?;
+        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+        let count = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+        if count > MAX_DISCARD_SECTORS {
+            return Err(S_IOERR);
+        }
+        let allowed = if kind == T_WRITE_ZEROES {
+            WRITE_ZEROES_UNMAP
+        } else {
+            0
+        };
+        if flags & !allowed != 0 {
+            return Err(S_UNSUPP);
+        }
+        let bytes = u64::from(count) * SECTOR_SIZE;
+        let offset = byte_range(disk, sector, bytes)?;
+        let mode = if kind == T_WRITE_ZEROES && flags & WRITE_ZEROES_UNMAP == 0 {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        // SAFETY: fallocate on a descriptor we own; no memory is involved.
+        let r = unsafe {
+            libc::fallocate(
+                disk.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                bytes as libc::off_t,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if kind == T_DISCARD {
+                // Discard is a hint: a filesystem without hole punching just keeps the data.
+                tracing::debug!("virtio-blk: discard not supported by the file: {e}");
+                continue;
+            }
+            write_zeroes_slowly(disk, offset, bytes).map_err(|_| S_IOERR)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_zeroes_slowly(disk: &Disk, mut offset: u64, bytes: u64) -> io::Result<()> {
+    let mut zeroes = AlignedBuf::new(1 << 20);
+    let end = offset + bytes;
+    while offset < end {
+        let n = (end - offset).min(1 << 20) as usize;
+        let mut v = zeroes.iovec();
+        v.iov_len = n;
+        transfer(&disk.file, vec![v], offset, Direction::Write)?;
+        offset += n as u64;
+    }
+    Ok(())
+}

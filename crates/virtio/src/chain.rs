@@ -1,0 +1,479 @@
+//! Taking descriptor chains off a queue and checking them before anything reads or
+//! writes their buffers.
+//!
+//! A [`Chain`] is a request whose every buffer lies inside one region of guest RAM, whose
+//! device-readable buffers all come before its device-writable ones, and whose last
+//! descriptor really ends the chain (so loops, next-indices outside the table and chains
+//! longer than the queue are caught: virtio-queue's iterator stops after queue-size
+//! descriptors, and we refuse a chain whose last descriptor still says "next").
+//! Devices then address the readable and writable parts as flat byte ranges.
+
+use std::num::Wrapping;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmon_memory::GuestMemory;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error(
+        "the descriptor chain does not end (a loop, a bad next index, or longer than the queue)"
+    )]
+    Unterminated,
+    #[error("the descriptor chain is empty")]
+    Empty,
+    #[error("buffer {addr:#x}+{len:#x} is not inside guest RAM")]
+    OutsideRam { addr: u64, len: u32 },
+    #[error("a device-readable buffer follows a device-writable one")]
+    ReadableAfterWritable,
+    #[error("the request needs {need} bytes, the buffers hold {have}")]
+    TooShort { need: u64, have: u64 },
+}
+
+/// The queue itself is unusable: the device must stop and wait for a reset.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueueBroken {
+    #[error("the available ring is unreadable or its index jumped by more than the queue size")]
+    AvailRing,
+    #[error("descriptor head {head} is outside a queue of {size}")]
+    HeadIndex { head: u16, size: u16 },
+    #[error("the used ring is not writable")]
+    UsedRing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    addr: u64,
+    len: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Chain {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    readable_len: u64,
+    writable_len: u64,
+}
+
+/// A chain taken off the available ring: its head (to return it with) and its buffers,
+/// or why they are unusable.
+pub struct Popped {
+    pub head: u16,
+    pub chain: Result<Chain, ChainError>,
+}
+
+/// Takes the next available chain, if any.
+pub fn pop(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Popped>, QueueBroken> {
+    let size = queue.size();
+    let mut iter = queue.iter(mem).map_err(|_| QueueBroken::AvailRing)?;
+    let Some(descriptors) = iter.next() else {
+        return Ok(None);
+    };
+    let head = descriptors.head_index();
+    if head >= size {
+        return Err(QueueBroken::HeadIndex { head, size });
+    }
+    let mut chain = Chain::default();
+    let mut terminated = false;
+    let mut any = false;
+    let parse = || -> Result<(), ChainError> {
+        for d in descriptors {
+            any = true;
+            terminated = !d.has_next();
+            chain.push(mem, d.addr().0, d.len(), d.is_write_only())?;
+        }
+        Ok(())
+    };
+    let parsed = parse();
+    let chain = match parsed {
+        Err(e) => Err(e),
+        Ok(()) if !any => Err(ChainError::Empty),
+        Ok(()) if !terminated => Err(ChainError::Unterminated),
+        Ok(()) => Ok(chain),
+    };
+    Ok(Some(Popped { head, chain }))
+}
+
+/// Returns a chain to the driver with `len` bytes written.
+pub fn complete(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    head: u16,
+    len: u32,
+) -> Result<(), QueueBroken> {
+    queue
+        .add_used(mem, head, len)
+        .map_err(|_| QueueBroken::UsedRing)
+}
+
+/// Serves every chain the driver offers, re-arming driver notifications the way
+/// VIRTIO_F_EVENT_IDX needs (so a chain added while we finish is never missed), and says
+/// whether the driver wants an interrupt for what was used. `handle` returns the number of
+/// bytes it wrote into the chain.
+pub fn serve_all(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    mut handle: impl FnMut(Popped) -> u32,
+) -> Result<bool, QueueBroken> {
+    let mut used = false;
+    loop {
+        queue
+            .disable_notification(mem)
+            .map_err(|_| QueueBroken::UsedRing)?;
+        while let Some(p) = pop(queue, mem)? {
+            let head = p.head;
+            let len = handle(p);
+            complete(queue, mem, head, len)?;
+            used = true;
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(|_| QueueBroken::UsedRing)?
+        {
+            break;
+        }
+    }
+    Ok(used
+        && queue
+            .needs_notification(mem)
+            .map_err(|_| QueueBroken::UsedRing)?)
+}
+
+/// Puts back the chain just popped (the device could not take it yet, e.g. no room).
+pub fn unpop(queue: &mut Queue) {
+    queue.set_next_avail((Wrapping(queue.next_avail()) - Wrapping(1)).0);
+}
+
+impl Chain {
+    /// Appends one descriptor's buffer after checking it lies inside one RAM region.
+    pub fn push(
+        &mut self,
+        mem: &GuestMemory,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), ChainError> {
+        if !writable && !self.writable.is_empty() {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if mem.get_slice(GuestAddress(addr), len as usize).is_err() {
+            return Err(ChainError::OutsideRam { addr, len });
+        }
+        let seg = Segment { addr, len };
+        if writable {
+            self.writable.push(seg);
+            self.writable_len += u64::from(len);
+        } else {
+            self.readable.push(seg);
+            self.readable_len += u64::from(len);
+        }
+        Ok(())
+    }
+
+    pub fn readable_len(&self) -> u64 {
+        self.readable_len
+    }
+
+    pub fn writable_len(&self) -> u64 {
+        self.writable_len
+    }
+
+    /// Copies readable bytes `offset..offset + buf.len()` into `buf`.
+    pub fn read_at(
+        &self,
+        mem: &GuestMemory,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
+        let mut done = 0;
+        for (addr, len) in pieces(&self.readable, offset, buf.len() as u64, self.readable_len)? {
+            mem.read_slice(&mut buf[done..done + len], GuestAddress(addr))
+                .map_err(|_| ChainError::OutsideRam {
+                    addr,
+                    len: len as u32,
+                })?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the writable bytes starting at `offset`.
+    pub fn write_at(&self, mem: &GuestMemory, offset: u64, data: &[u8]) -> Result<(), ChainError> {
+        let mut done = 0;
+        for (addr, len) in pieces(&self.writable, offset, data.len() as u64, self.writable_len)? {
+            mem.write_slice(&data[done..done + len], GuestAddress(addr))
+                .map_err(|_| ChainError::OutsideRam {
+                    addr,
+                    len: len as u32,
+                })?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Host iovecs for readable bytes `offset..offset + len`.
+    pub fn readable_iovecs(
+        &self,
+        mem: &GuestMemory,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<libc::iovec>, ChainError> {
+        iovecs(mem, pieces(&self.readable, offset, len, self.readable_len)?)
+    }
+
+    /// Host iovecs for writable bytes `offset..offset + len`.
+    pub fn writable_iovecs(
+        &self,
+        mem: &GuestMemory,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<libc::iovec>, ChainError> {
+        iovecs(mem, pieces(&self.writable, offset, len, self.writable_len)?)
+    }
+}
+
+/// The (guest address, length) pieces covering bytes `offset..offset + len` of `segments`.
+fn pieces(
+    segments: &[Segment],
+    offset: u64,
+    len: u64,
+    total: u64,
+) -> Result<Vec<(u64, usize)>, ChainError> {
+    let need = offset.checked_add(len).ok_or(ChainError::TooShort {
+        need: u64::MAX,
+        have: total,
+    })?;
+    if need > total {
+        return Err(ChainError::TooShort { need, have: total });
+    }
+    let mut out = Vec::new();
+    let mut skip = offset;
+    let mut left = len;
+    for s in segments {
+        if left == 0 {
+            break;
+        }
+        let seg_len = u64::from(s.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let take = (seg_len - skip).min(left);
+        out.push((s.addr + skip, take as usize));
+        left -= take;
+        skip = 0;
+    }
+    Ok(out)
+}
+
+fn iovecs(mem: &GuestMemory, pieces: Vec<(u64, usize)>) -> Result<Vec<libc::iovec>, ChainError> {
+    pieces
+        .into_iter()
+        .map(|(addr, len)| {
+            let slice =
+                mem.get_slice(GuestAddress(addr), len)
+                    .map_err(|_| ChainError::OutsideRam {
+                        addr,
+                        len: len as u32,
+                    })?;
+            Ok(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: len,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestMemoryMmap};
+
+    pub const F_NEXT: u16 = 1;
+    pub const F_WRITE: u16 = 2;
+    pub const F_INDIRECT: u16 = 4;
+
+    pub fn memory() -> GuestMemory {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    /// One chain made of `descs` (indices 0..n) offered on a 16-entry queue.
+    fn offer(mem: &GuestMemory, descs: &[RawDescriptor]) -> Queue {
+        let vq = MockSplitQueue::new(mem, 16);
+        vq.build_desc_chain(descs).ok();
+        // build_desc_chain rewrites next/flags; write the table raw for hostile shapes.
+        for (i, d) in descs.iter().enumerate() {
+            mem.write_obj(*d, vq.desc_table_addr().unchecked_add(16 * i as u64))
+                .unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
+        vq.avail().idx().store(1u16.to_le());
+        vq.create_queue().unwrap()
+    }
+
+    fn pop_one(mem: &GuestMemory, descs: &[RawDescriptor]) -> Result<Chain, ChainError> {
+        let mut q = offer(mem, descs);
+        pop(&mut q, mem).unwrap().unwrap().chain
+    }
+
+    #[test]
+    fn well_formed_chain_is_split_into_readable_then_writable() {
+        let mem = memory();
+        let c = pop_one(
+            &mem,
+            &[
+                desc(0x1_0000, 16, F_NEXT, 1),
+                desc(0x2_0000, 512, F_NEXT | F_WRITE, 2),
+                desc(0x3_0000, 1, F_WRITE, 0),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.readable_len(), 16);
+        assert_eq!(c.writable_len(), 513);
+        c.write_at(&mem, 512, &[7]).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3_0000)).unwrap(), 7);
+        mem.write_slice(&[1, 2, 3, 4], GuestAddress(0x1_000C))
+            .unwrap();
+        let mut b = [0u8; 4];
+        c.read_at(&mem, 12, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        let io = c.writable_iovecs(&mem, 510, 3).unwrap();
+        assert_eq!(io.iter().map(|v| v.iov_len).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    #[test]
+    fn loops_are_unterminated() {
+        let mem = memory();
+        let r = pop_one(
+            &mem,
+            &[desc(0x1_0000, 16, F_NEXT, 1), desc(0x2_0000, 16, F_NEXT, 0)],
+        );
+        assert_eq!(r, Err(ChainError::Unterminated));
+        let r = pop_one(&mem, &[desc(0x1_0000, 16, F_NEXT, 0)]);
+        assert_eq!(r, Err(ChainError::Unterminated), "self loop");
+    }
+
+    #[test]
+    fn next_index_outside_the_table_is_unterminated() {
+        let mem = memory();
+        let r = pop_one(&mem, &[desc(0x1_0000, 16, F_NEXT, 200)]);
+        assert_eq!(r, Err(ChainError::Unterminated));
+    }
+
+    #[test]
+    fn buffers_outside_ram_are_refused() {
+        let mem = memory();
+        let r = pop_one(&mem, &[desc(0xC000_0000, 16, 0, 0)]);
+        assert_eq!(
+            r,
+            Err(ChainError::OutsideRam {
+                addr: 0xC000_0000,
+                len: 16
+            })
+        );
+        // Starts inside RAM, ends outside.
+        let r = pop_one(&mem, &[desc(0xF_FFF0, 32, 0, 0)]);
+        assert!(matches!(r, Err(ChainError::OutsideRam { .. })));
+        let r = pop_one(&mem, &[desc(u64::MAX - 4, 16, 0, 0)]);
+        assert!(matches!(r, Err(ChainError::OutsideRam { .. })));
+        let r = pop_one(&mem, &[desc(0x1000, u32::MAX, F_WRITE, 0)]);
+        assert!(matches!(r, Err(ChainError::OutsideRam { .. })));
+    }
+
+    #[test]
+    fn readable_after_writable_is_refused() {
+        let mem = memory();
+        let r = pop_one(
+            &mem,
+            &[
+                desc(0x1_0000, 16, F_NEXT | F_WRITE, 1),
+                desc(0x2_0000, 16, 0, 0),
+            ],
+        );
+        assert_eq!(r, Err(ChainError::ReadableAfterWritable));
+    }
+
+    #[test]
+    fn zero_length_buffers_are_skipped_and_ranges_checked() {
+        let mem = memory();
+        let c = pop_one(
+            &mem,
+            &[desc(0x1_0000, 0, F_NEXT, 1), desc(0x2_0000, 4, 0, 0)],
+        )
+        .unwrap();
+        assert_eq!(c.readable_len(), 4);
+        let mut b = [0u8; 8];
+        assert_eq!(
+            c.read_at(&mem, 0, &mut b),
+            Err(ChainError::TooShort { need: 8, have: 4 })
+        );
+        assert!(c.write_at(&mem, 0, &[1]).is_err());
+        assert!(c.readable_iovecs(&mem, u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn indirect_tables_are_followed_and_checked() {
+        let mem = memory();
+        let table = 0x5_0000;
+        mem.write_obj(desc(0x1_0000, 8, F_NEXT, 1), GuestAddress(table))
+            .unwrap();
+        mem.write_obj(desc(0x2_0000, 8, F_WRITE, 0), GuestAddress(table + 16))
+            .unwrap();
+        let c = pop_one(&mem, &[desc(table, 32, F_INDIRECT, 0)]).unwrap();
+        assert_eq!((c.readable_len(), c.writable_len()), (8, 8));
+        // An indirect table whose entries loop.
+        mem.write_obj(desc(0x2_0000, 8, F_NEXT, 0), GuestAddress(table + 16))
+            .unwrap();
+        mem.write_obj(desc(0x1_0000, 8, F_NEXT, 1), GuestAddress(table))
+            .unwrap();
+        assert_eq!(
+            pop_one(&mem, &[desc(table, 32, F_INDIRECT, 0)]),
+            Err(ChainError::Unterminated)
+        );
+        // An indirect table outside RAM.
+        assert!(pop_one(&mem, &[desc(0xC000_0000, 32, F_INDIRECT, 0)]).is_err());
+    }
+
+    #[test]
+    fn avail_index_jumping_past_the_queue_breaks_it() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.avail().idx().store(17u16.to_le());
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert_eq!(pop(&mut q, &mem).err(), Some(QueueBroken::AvailRing));
+    }
+
+    #[test]
+    fn head_index_outside_the_queue_breaks_it() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.avail().ring().ref_at(0).unwrap().store(16u16.to_le());
+        vq.avail().idx().store(1u16.to_le());
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert_eq!(
+            pop(&mut q, &mem).err(),
+            Some(QueueBroken::HeadIndex { head: 16, size: 16 })
+        );
+    }
+
+    #[test]
+    fn unpop_offers_the_same_chain_again() {
+        let mem = memory();
+        let mut q = offer(&mem, &[desc(0x1_0000, 8, 0, 0)]);
+        let a = pop(&mut q, &mem).unwrap().unwrap();
+        unpop(&mut q);
+        let b = pop(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(a.head, b.head);
+        assert!(pop(&mut q, &mem).unwrap().is_none());
+        complete(&mut q, &mem, b.head, 0).unwrap();
+    }
+}

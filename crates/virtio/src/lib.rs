@@ -1,0 +1,109 @@
+//! virtio 1.x devices on a PCI transport.
+//!
+//! - [`transport`]: the virtio-pci function: PCI configuration space with the virtio
+//!   capabilities and MSI-X, and the BAR holding the common configuration, ISR, device
+//!   configuration and notification registers. A guest's queue notification is a write
+//!   to the notify area, which KVM turns into an eventfd signal (ioeventfd) without
+//!   leaving the kernel.
+//! - [`chain`]: validation of descriptor chains taken from guest memory: every buffer
+//!   inside guest RAM, chains terminated, readable before writable.
+//! - [`worker`]: each active device runs its queues on its own thread, woken by the
+//!   queue eventfds and its backend's file descriptors through epoll.
+//! - Devices: [`block`], [`rng`].
+//!
+//! Guest memory is untrusted: every access goes through vm-memory's bounds checks, and a
+//! request the device cannot make sense of fails that request (an error status to the
+//! guest) or, when the queue itself is broken, sets DEVICE_NEEDS_RESET. Nothing a guest
+//! writes can make the VMM panic or touch host memory outside guest RAM.
+
+pub mod block;
+pub mod chain;
+pub mod interrupt;
+pub mod rng;
+pub mod transport;
+pub mod worker;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+use vmon_memory::GuestMemory;
+
+pub use interrupt::Interrupt;
+
+/// Feature bits every vmon device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const COMMON_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
+
+/// Device IDs from the virtio specification (section 5).
+pub mod device_id {
+    pub const NET: u16 = 1;
+    pub const BLOCK: u16 = 2;
+    pub const RNG: u16 = 4;
+    pub const VSOCK: u16 = 19;
+}
+
+/// A queue handed to a device when the driver sets DRIVER_OK.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    /// Signalled (through KVM's ioeventfd) when the driver notifies this queue.
+    pub notify: EventFd,
+}
+
+/// Everything a device needs to start serving its queues.
+pub struct Activation {
+    pub memory: GuestMemory,
+    /// Features both sides agreed on.
+    pub features: u64,
+    pub queues: Vec<ActiveQueue>,
+    pub interrupt: Arc<Interrupt>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver enabled {got} queues, the device needs {want}")]
+    QueueCount { got: usize, want: usize },
+    #[error("the device's backend is unavailable (a previous activation failed)")]
+    BackendLost,
+    #[error("starting the device thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u16;
+    /// PCI class code (class, subclass, prog-if) the function shows.
+    fn pci_class(&self) -> u32 {
+        0xFF_0000
+    }
+    /// The largest size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration; most devices have nothing writable.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(offset, len = data.len(), "write to read-only device config");
+    }
+    /// Starts serving the queues (the driver set DRIVER_OK).
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops serving the queues and drops in-flight state (the driver reset the device).
+    fn reset(&mut self);
+}
+
+/// Copies `src` (a device's configuration structure) into `data` at `offset`; bytes past
+/// the end of `src` read as zero.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| src.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}

@@ -1,0 +1,111 @@
+//! virtio-rng: fills the driver's buffers with bytes from the host's `getrandom(2)`.
+
+use std::os::unix::io::AsRawFd;
+
+use crate::chain::{self, QueueBroken};
+use crate::worker::{EventLoop, Wake, Worker};
+use crate::{device_id, ActivateError, Activation, VirtioDevice, COMMON_FEATURES};
+
+const QUEUE_SIZE: u16 = 256;
+/// Bytes served per request at most: a driver offering a huge buffer gets a full 64 KiB,
+/// not an unbounded loop in the device thread.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Default)]
+pub struct Rng {
+    worker: Option<Worker<()>>,
+}
+
+impl Rng {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u16 {
+        device_id::RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        if a.queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                got: a.queues.len(),
+                want: 1,
+            });
+        }
+        let mut q = a.queues.remove(0);
+        let worker = Worker::spawn("virtio-rng".into(), move |mut events: EventLoop| {
+            if let Err(e) = events.add(q.notify.as_raw_fd(), 0, false) {
+                a.interrupt.fail_device(&format!("watching the queue: {e}"));
+                return;
+            }
+            loop {
+                let _ = q.notify.read();
+                match serve(&mut q.queue, &a.memory) {
+                    Ok(true) => a.interrupt.signal_queue(0),
+                    Ok(false) => {}
+                    Err(e) => {
+                        a.interrupt.fail_device(&e.to_string());
+                        return;
+                    }
+                }
+                if let Wake::Stop = events.wait() {
+                    return;
+                }
+            }
+        })
+        .map_err(ActivateError::Thread)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+fn serve(
+    queue: &mut virtio_queue::Queue,
+    mem: &vmon_memory::GuestMemory,
+) -> Result<bool, QueueBroken> {
+    let mut buf = vec![0u8; MAX_REQUEST];
+    chain::serve_all(queue, mem, |p| match p.chain {
+        Ok(c) => {
+            let n = (c.writable_len() as usize).min(MAX_REQUEST);
+            fill_random(&mut buf[..n]);
+            c.write_at(mem, 0, &buf[..n]).map_or(0, |_| n as u32)
+        }
+        Err(e) => {
+            tracing::debug!("virtio-rng: bad request: {e}");
+            0
+        }
+    })
+}
+
+fn fill_random(buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`, which we own.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n <= 0 {
+            // getrandom only fails on EINTR once the pool is initialised; retry.
+            continue;
+        }
+        done += n as usize;
+    }
+}

@@ -1,0 +1,610 @@
+//! The virtio-pci transport (virtio 1.x "modern" interface, section 4.1 of the spec).
+//!
+//! One 64-bit memory BAR holds every register block, each found by the driver through a
+//! vendor-specific PCI capability:
+//!
+//! ```text
+//! BAR0 + 0x0000  common configuration (features, status, queue setup)
+//!        0x1000  ISR status (read clears)
+//!        0x2000  device-specific configuration
+//!        0x3000  queue notify: queue i at 0x3000 + 4 * i (ioeventfd-backed)
+//!        0x4000  MSI-X table
+//!        0x5000  MSI-X pending-bit array
+//! ```
+//!
+//! The transport owns queue configuration until the driver sets DRIVER_OK; then it
+//! checks every enabled queue against guest memory and hands them to the device, which
+//! serves them on its own thread. A reset (status 0) stops that thread and returns the
+//! transport to its initial state. Anything the driver gets wrong (features it was not
+//! offered, a queue size that is not a power of two, rings outside RAM) leaves the device
+//! inactive with DEVICE_NEEDS_RESET set, as the spec asks.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmon_devices::bus::{lock, BusDevice};
+use vmon_devices::pci::config::{ConfigSpace, PciIds, COMMAND_MEMORY};
+use vmon_devices::pci::msix::{self, MsiVectors, Msix};
+use vmon_devices::pci::PciDevice;
+use vmon_memory::GuestMemory;
+
+use crate::interrupt::{Interrupt, NO_VECTOR};
+use crate::{Activation, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON: u64 = 0x0000;
+const ISR: u64 = 0x1000;
+const DEVICE_CONFIG: u64 = 0x2000;
+const NOTIFY: u64 = 0x3000;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x5000;
+const REGION: u64 = 0x1000;
+const COMMON_LEN: u32 = 0x38;
+const NOTIFY_MULTIPLIER: u32 = 4;
+
+const VIRTIO_VENDOR: u16 = 0x1AF4;
+const MODERN_DEVICE_BASE: u16 = 0x1040;
+/// Modern-only devices (no legacy interface) have PCI revision 1.
+const MODERN_REVISION: u8 = 1;
+const SUBSYSTEM_ID: u16 = 0x1100;
+
+const CAP_VENDOR: u8 = 0x09;
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_ISR: u8 = 3;
+const CFG_DEVICE: u8 = 4;
+const CFG_PCI: u8 = 5;
+
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+#[derive(Clone, Copy, Debug)]
+struct QueueConfig {
+    max: u16,
+    size: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueConfig {
+    fn new(max: u16) -> Self {
+        QueueConfig {
+            max,
+            size: max,
+            enabled: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("creating an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] vmon_devices::pci::config::ConfigError),
+}
+
+pub struct VirtioPci {
+    config: ConfigSpace,
+    msix_cap: usize,
+    pci_cfg_cap: usize,
+    device: Box<dyn VirtioDevice>,
+    msix: Arc<Mutex<Msix>>,
+    interrupt: Arc<Interrupt>,
+    memory: GuestMemory,
+    bar: u64,
+    status: u8,
+    active: bool,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    queues: Vec<QueueConfig>,
+    notify: Vec<EventFd>,
+    config_generation: u8,
+    warned_bar_moved: bool,
+}
+
+impl VirtioPci {
+    /// Wraps `device` as a PCI function whose BAR0 is at `bar` (size [`BAR_SIZE`]).
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemory,
+        bar: u64,
+        vectors: Box<dyn MsiVectors>,
+    ) -> Result<Self, TransportError> {
+        let queues: Vec<QueueConfig> = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| QueueConfig::new(m))
+            .collect();
+        // One vector per queue plus one for configuration changes.
+        let msix = Msix::new(queues.len() as u16 + 1, vectors);
+        let mut config = ConfigSpace::new(PciIds {
+            vendor: VIRTIO_VENDOR,
+            device: MODERN_DEVICE_BASE + device.device_type(),
+            revision: MODERN_REVISION,
+            class: device.pci_class(),
+            subsystem_vendor: VIRTIO_VENDOR,
+            subsystem: SUBSYSTEM_ID,
+        });
+        config.add_bar64(0, bar, BAR_SIZE)?;
+        let msix_cap = config.add_capability(
+            msix::CAP_ID_MSIX,
+            &msix.capability(0, MSIX_TABLE as u32, MSIX_PBA as u32),
+            &Msix::capability_writable(),
+        )?;
+        for (kind, offset, len) in [
+            (CFG_COMMON, COMMON, COMMON_LEN),
+            (CFG_ISR, ISR, 1),
+            (CFG_DEVICE, DEVICE_CONFIG, REGION as u32),
+        ] {
+            config.add_capability(CAP_VENDOR, &virtio_cap(kind, offset as u32, len, 0), &[])?;
+        }
+        let notify_len = (queues.len() as u32 * NOTIFY_MULTIPLIER).max(4);
+        let mut notify_cap = virtio_cap(CFG_NOTIFY, NOTIFY as u32, notify_len, 4).to_vec();
+        notify_cap.extend_from_slice(&NOTIFY_MULTIPLIER.to_le_bytes());
+        config.add_capability(CAP_VENDOR, &notify_cap, &[])?;
+        // The PCI configuration access capability: bar, offset and length are writable,
+        // and the 4-byte data window after them reaches into the BAR.
+        let mut writable = [0u8; 18];
+        writable[2] = 0xFF; // bar
+        writable[6..14].fill(0xFF); // offset, length
+        writable[14..18].fill(0xFF); // data
+        let pci_cfg_cap = config.add_capability(
+            CAP_VENDOR,
+            &virtio_cap(CFG_PCI, 0, 0, 4 + 4)[..18],
+            &writable,
+        )?;
+        let notify = (0..queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TransportError::EventFd)?;
+        let msix = Arc::new(Mutex::new(msix));
+        let interrupt = Arc::new(Interrupt::new(msix.clone(), queues.len()));
+        Ok(VirtioPci {
+            config,
+            msix_cap,
+            pci_cfg_cap,
+            device,
+            msix,
+            interrupt,
+            memory,
+            bar,
+            status: 0,
+            active: false,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            queues,
+            notify,
+            config_generation: 0,
+            warned_bar_moved: false,
+        })
+    }
+
+    /// Guest-physical addresses of the queue notify registers with the eventfd each should
+    /// signal, for the VMM to register as ioeventfds.
+    pub fn notify_addresses(&self) -> Vec<(u64, &EventFd)> {
+        self.notify
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    self.bar + NOTIFY + i as u64 * u64::from(NOTIFY_MULTIPLIER),
+                    e,
+                )
+            })
+            .collect()
+    }
+
+    pub fn device_status(&self) -> u8 {
+        let needs_reset = if self.interrupt.needs_reset() {
+            status::NEEDS_RESET
+        } else {
+            0
+        };
+        self.status | needs_reset
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn read_common(&mut self, offset: u64, data: &mut [u8]) {
+        let q = self.queues.get(usize::from(self.queue_select)).copied();
+        let qsel = usize::from(self.queue_select);
+        let (value, field_len): (u64, u64) = match offset {
+            0x00 => (u64::from(self.device_feature_select), 4),
+            0x04 => {
+                let f = self.device_features();
+                let word = match self.device_feature_select {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                };
+                (u64::from(word), 4)
+            }
+            0x08 => (u64::from(self.driver_feature_select), 4),
+            0x0C => {
+                let word = match self.driver_feature_select {
+                    0 => self.driver_features as u32,
+                    1 => (self.driver_features >> 32) as u32,
+                    _ => 0,
+                };
+                (u64::from(word), 4)
+            }
+            0x10 => (u64::from(self.interrupt.config_vector()), 2),
+            0x12 => (self.queues.len() as u64, 2),
+            0x14 => (u64::from(self.device_status()), 1),
+            0x15 => (u64::from(self.config_generation), 1),
+            0x16 => (u64::from(self.queue_select), 2),
+            0x18 => (q.map_or(0, |q| u64::from(q.size)), 2),
+            0x1A => (
+                if q.is_some() {
+                    u64::from(self.interrupt.queue_vector(qsel))
+                } else {
+                    u64::from(NO_VECTOR)
+                },
+                2,
+            ),
+            0x1C => (q.map_or(0, |q| u64::from(q.enabled)), 2),
+            0x1E => (q.map_or(0, |_| qsel as u64), 2),
+            0x20 | 0x24 => (
+                q.map_or(0, |q| q.desc) >> ((offset - 0x20) * 8),
+                8 - (offset - 0x20),
+            ),
+            0x28 | 0x2C => (
+                q.map_or(0, |q| q.driver) >> ((offset - 0x28) * 8),
+                8 - (offset - 0x28),
+            ),
+            0x30 | 0x34 => (
+                q.map_or(0, |q| q.device) >> ((offset - 0x30) * 8),
+                8 - (offset - 0x30),
+            ),
+            _ => (0, 8),
+        };
+        if data.len() as u64 > field_len {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "common config read wider than its field"
+            );
+        }
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = value.checked_shr(8 * i as u32).unwrap_or(0) as u8;
+        }
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let mut raw = [0u8; 8];
+        let n = data.len().min(8);
+        raw[..n].copy_from_slice(&data[..n]);
+        let value = u64::from_le_bytes(raw);
+        let queue_config_locked = self.status & status::DRIVER_OK != 0;
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_feature_select = value as u32,
+            (0x08, 4) => self.driver_feature_select = value as u32,
+            (0x0C, 4) => {
+                if self.status & status::FEATURES_OK != 0 {
+                    return; // features are fixed once accepted
+                }
+                match self.driver_feature_select {
+                    0 => self.driver_features = (self.driver_features & !0xFFFF_FFFF) | value,
+                    1 => self.driver_features = (self.driver_features & 0xFFFF_FFFF) | value << 32,
+                    _ => {}
+                }
+            }
+            (0x10, 2) => {
+                let v = self.checked_vector(value as u16);
+                self.interrupt.set_config_vector(v);
+            }
+            (0x14, 1) => self.write_status(value as u8),
+            (0x16, 2) => self.queue_select = value as u16,
+            (0x1A, 2) => {
+                let v = self.checked_vector(value as u16);
+                if usize::from(self.queue_select) < self.queues.len() {
+                    self.interrupt
+                        .set_queue_vector(usize::from(self.queue_select), v);
+                }
+            }
+            _ if queue_config_locked => {
+                tracing::debug!(offset, "queue configuration write after DRIVER_OK ignored");
+            }
+            (0x18, 2) => {
+                if let Some(q) = self.selected_queue().filter(|q| !q.enabled) {
+                    // Checked when the driver sets DRIVER_OK: a bad size then needs a reset.
+                    q.size = value as u16;
+                }
+            }
+            (0x1C, 2) => {
+                if let Some(q) = self.selected_queue() {
+                    // Only enabling is defined; disabling takes a device reset.
+                    if value == 1 {
+                        q.enabled = true;
+                    }
+                }
+            }
+            (0x20..=0x37, 4 | 8) if offset.is_multiple_of(4) => {
+                let Some(q) = self.selected_queue().filter(|q| !q.enabled) else {
+                    return;
+                };
+                let field = match offset & !7 {
+                    0x20 => &mut q.desc,
+                    0x28 => &mut q.driver,
+                    _ => &mut q.device,
+                };
+                if data.len() == 8 {
+                    *field = value;
+                } else if offset.is_multiple_of(8) {
+                    *field = (*field & !0xFFFF_FFFF) | value;
+                } else {
+                    *field = (*field & 0xFFFF_FFFF) | value << 32;
+                }
+            }
+            _ => tracing::debug!(offset, len = data.len(), "ignored common config write"),
+        }
+    }
+
+    /// A vector the table does not have reads back as NO_VECTOR, telling the driver so.
+    fn checked_vector(&self, vector: u16) -> u16 {
+        if vector != NO_VECTOR && vector >= lock(&self.msix).count() {
+            NO_VECTOR
+        } else {
+            vector
+        }
+    }
+
+    fn write_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let new = value & !self.status;
+        if new & status::FEATURES_OK != 0 {
+            let offered = self.device_features();
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                tracing::debug!(
+                    accepted = self.driver_features,
+                    offered,
+                    "driver accepted features we did not offer, or no VERSION_1"
+                );
+                // FEATURES_OK stays clear: the driver reads it back and gives up.
+                self.status |= value & !status::FEATURES_OK & !status::DRIVER_OK;
+                return;
+            }
+        }
+        self.status |= value & !status::NEEDS_RESET;
+        if new & status::DRIVER_OK != 0 && !self.active {
+            if self.status & status::FEATURES_OK == 0 {
+                self.interrupt.fail_device("DRIVER_OK without FEATURES_OK");
+                return;
+            }
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut active = Vec::with_capacity(self.queues.len());
+        for (i, c) in self.queues.iter().enumerate() {
+            if !c.enabled {
+                continue;
+            }
+            let queue = match build_queue(c, event_idx, &self.memory) {
+                Ok(q) => q,
+                Err(why) => {
+                    self.interrupt.fail_device(&format!("queue {i}: {why}"));
+                    return;
+                }
+            };
+            let notify = match self.notify[i].try_clone() {
+                Ok(e) => e,
+                Err(e) => {
+                    self.interrupt
+                        .fail_device(&format!("queue {i} eventfd: {e}"));
+                    return;
+                }
+            };
+            active.push(ActiveQueue { queue, notify });
+        }
+        let activation = Activation {
+            memory: self.memory.clone(),
+            features: self.driver_features,
+            queues: active,
+            interrupt: self.interrupt.clone(),
+        };
+        match self.device.activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => self
+                .interrupt
+                .fail_device(&format!("activation failed: {e}")),
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        for q in &mut self.queues {
+            *q = QueueConfig::new(q.max);
+        }
+        for e in &self.notify {
+            let _ = e.read();
+        }
+        self.interrupt.reset();
+    }
+
+    fn bar_read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON + REGION => self.read_common(o, data),
+            o if o < ISR + REGION => {
+                data.fill(0);
+                if o == ISR {
+                    data[0] = self.interrupt.take_isr();
+                }
+            }
+            o if o < DEVICE_CONFIG + REGION => self.device.read_config(o - DEVICE_CONFIG, data),
+            o if o < NOTIFY + REGION => data.fill(0),
+            o if o < MSIX_TABLE + REGION => lock(&self.msix).read_table(o - MSIX_TABLE, data),
+            o if o < MSIX_PBA + REGION => lock(&self.msix).read_pba(o - MSIX_PBA, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON + REGION => self.write_common(o, data),
+            o if o < ISR + REGION => {}
+            o if o < DEVICE_CONFIG + REGION => {
+                self.device.write_config(o - DEVICE_CONFIG, data);
+            }
+            o if o < NOTIFY + REGION => {
+                // Normally KVM's ioeventfd catches these before they reach us.
+                let q = ((o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(e) = self.notify.get(q) {
+                    let _ = e.write(1);
+                }
+            }
+            o if o < MSIX_TABLE + REGION => lock(&self.msix).write_table(o - MSIX_TABLE, data),
+            _ => {}
+        }
+    }
+
+    /// The window of the PCI configuration access capability: bar, offset and length
+    /// select what the 4-byte data field reads or writes.
+    fn pci_cfg_window(&self) -> Option<(u64, usize)> {
+        let mut b = [0u8; 12];
+        self.config.read(self.pci_cfg_cap + 4, &mut b);
+        let bar = b[0];
+        let offset = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
+        (bar == 0 && matches!(len, 1 | 2 | 4) && u64::from(offset) + len as u64 <= BAR_SIZE)
+            .then_some((u64::from(offset), len))
+    }
+}
+
+fn build_queue(c: &QueueConfig, event_idx: bool, mem: &GuestMemory) -> Result<Queue, String> {
+    if c.size == 0 || c.size > c.max || !c.size.is_power_of_two() {
+        return Err(format!(
+            "size {} (must be a power of two up to {})",
+            c.size, c.max
+        ));
+    }
+    let mut q = Queue::new(c.max).map_err(|e| e.to_string())?;
+    q.try_set_size(c.size).map_err(|e| e.to_string())?;
+    q.try_set_desc_table_address(GuestAddress(c.desc))
+        .map_err(|e| format!("descriptor table {:#x}: {e}", c.desc))?;
+    q.try_set_avail_ring_address(GuestAddress(c.driver))
+        .map_err(|e| format!("available ring {:#x}: {e}", c.driver))?;
+    q.try_set_used_ring_address(GuestAddress(c.device))
+        .map_err(|e| format!("used ring {:#x}: {e}", c.device))?;
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    if !q.is_valid(mem) {
+        return Err(format!(
+            "rings at {:#x}/{:#x}/{:#x} are not inside guest RAM",
+            c.desc, c.driver, c.device
+        ));
+    }
+    Ok(q)
+}
+
+/// The body of a `virtio_pci_cap` after its ID and next bytes.
+fn virtio_cap(kind: u8, offset: u32, length: u32, extra: u8) -> [u8; 18] {
+    let mut b = [0u8; 18];
+    b[0] = 16 + extra; // cap_len, including the ID and next bytes
+    b[1] = kind;
+    b[2] = 0; // BAR 0
+    b[6..10].copy_from_slice(&offset.to_le_bytes());
+    b[10..14].copy_from_slice(&length.to_le_bytes());
+    b
+}
+
+impl Drop for VirtioPci {
+    fn drop(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn read_config(&mut self, offset: usize, data: &mut [u8]) {
+        let window = self.pci_cfg_cap + 16;
+        if offset >= window && offset < window + 4 {
+            if let Some((at, len)) = self.pci_cfg_window() {
+                let mut buf = [0u8; 4];
+                self.bar_read(at, &mut buf[..len]);
+                self.config.set_bytes(window, &buf);
+            }
+        }
+        self.config.read(offset, data);
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let msix_control = self.msix_cap + msix::CAP_CONTROL_OFFSET;
+        if offset <= msix_control + 1 && offset + data.len() > msix_control {
+            let mut c = [0u8; 2];
+            self.config.read(msix_control, &mut c);
+            lock(&self.msix).set_control(u16::from_le_bytes(c));
+        }
+        let window = self.pci_cfg_cap + 16;
+        if offset >= window && offset < window + 4 {
+            if let Some((at, len)) = self.pci_cfg_window() {
+                let mut buf = [0u8; 4];
+                self.config.read(window, &mut buf);
+                self.bar_write(at, &buf[..len]);
+            }
+        }
+        // The guest may size the BAR (all-ones, then restore) but not move it: firmware
+        // placement is final in vmon. Complain when decoding is on at another address.
+        let decoding = self.config.command() & COMMAND_MEMORY != 0;
+        let programmed = self.config.programmed_bar(0);
+        if decoding && programmed != self.bar && !self.warned_bar_moved {
+            self.warned_bar_moved = true;
+            tracing::warn!(
+                placed = format_args!("{:#x}", self.bar),
+                programmed = format_args!("{programmed:#x}"),
+                "guest moved a virtio BAR; the device stays where vmon placed it"
+            );
+        }
+    }
+}
+
+impl BusDevice for VirtioPci {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.bar_read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.bar_write(offset, data);
+    }
+}

@@ -1,0 +1,172 @@
+//! The thread an active device runs on.
+//!
+//! One thread per device rather than one shared event loop: a block device's reads and
+//! writes are synchronous system calls, and on a shared loop a slow disk would hold up
+//! every other device's queues. Each thread waits in epoll on its queues' eventfds, its
+//! backend's descriptors and a stop eventfd.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// The token reserved for the stop eventfd.
+const STOP: u64 = u64::MAX;
+
+/// A running device thread; it hands back its backend `B` when stopped.
+pub struct Worker<B> {
+    stop: EventFd,
+    handle: Option<JoinHandle<B>>,
+}
+
+impl<B: Send + 'static> Worker<B> {
+    /// Starts `body` on a thread named `name`. `body` gets an [`EventLoop`] already watching
+    /// the stop eventfd and returns its backend when the loop says to stop.
+    pub fn spawn(
+        name: String,
+        body: impl FnOnce(EventLoop) -> B + Send + 'static,
+    ) -> io::Result<Self> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let events = EventLoop::new(stop.try_clone()?)?;
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || body(events))?;
+        Ok(Worker {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the thread and returns its backend (None if the thread panicked).
+    pub fn stop(mut self) -> Option<B> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Option<B> {
+        let handle = self.handle.take()?;
+        let _ = self.stop.write(1);
+        handle.join().ok()
+    }
+}
+
+impl<B> Drop for Worker<B> {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = self.stop.write(1);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// epoll over the device's descriptors, with `u64` tokens chosen by the device.
+pub struct EventLoop {
+    epoll: Epoll,
+    _stop: EventFd,
+    ready: Vec<EpollEvent>,
+}
+
+/// What [`EventLoop::wait`] found.
+pub enum Wake {
+    Stop,
+    Ready(Vec<u64>),
+}
+
+impl EventLoop {
+    fn new(stop: EventFd) -> io::Result<Self> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP),
+        )?;
+        Ok(EventLoop {
+            epoll,
+            _stop: stop,
+            ready: vec![EpollEvent::default(); 32],
+        })
+    }
+
+    /// Watches `fd` for readability (and writability if `writable`) under `token`.
+    pub fn add(&self, fd: RawFd, token: u64, writable: bool) -> io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(set(writable), token),
+        )
+    }
+
+    /// Changes what `fd` is watched for; `None` stops watching it for now.
+    pub fn modify(&self, fd: RawFd, token: u64, events: Option<bool>) -> io::Result<()> {
+        let set = events.map_or(EventSet::empty(), set);
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(set, token))
+    }
+
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+
+    /// Blocks until something is ready. The stop request wins over everything else.
+    pub fn wait(&mut self) -> Wake {
+        loop {
+            match self.epoll.wait(-1, &mut self.ready) {
+                Ok(n) => {
+                    let tokens: Vec<u64> = self.ready[..n].iter().map(|e| e.data()).collect();
+                    if tokens.contains(&STOP) {
+                        return Wake::Stop;
+                    }
+                    return Wake::Ready(tokens);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("device event loop failed: {e}");
+                    return Wake::Stop;
+                }
+            }
+        }
+    }
+}
+
+fn set(writable: bool) -> EventSet {
+    if writable {
+        EventSet::IN | EventSet::OUT
+    } else {
+        EventSet::IN
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_sees_its_events_and_returns_its_backend_on_stop() {
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick2 = kick.try_clone().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = Worker::spawn("test".into(), move |mut events| {
+            events.add(kick2.as_raw_fd(), 7, false).unwrap();
+            let mut seen = 0;
+            loop {
+                match events.wait() {
+                    Wake::Stop => return seen,
+                    Wake::Ready(t) => {
+                        assert_eq!(t, vec![7]);
+                        let _ = kick2.read();
+                        seen += 1;
+                        tx.send(()).unwrap();
+                    }
+                }
+            }
+        })
+        .unwrap();
+        kick.write(1).unwrap();
+        rx.recv().unwrap();
+        kick.write(1).unwrap();
+        rx.recv().unwrap();
+        assert_eq!(w.stop(), Some(2));
+    }
+}
