@@ -36,13 +36,26 @@ linux_tier_direct() {
 say "tier 3: Linux guests"
 kit=$(cargo run -q -p vmon -- kit)
 export VMON_KIT=$kit
+# Every crates/vmon/tests/linux_*.rs is a Linux-tier test binary.
+linux_tests=()
+for f in crates/vmon/tests/linux_*.rs; do
+	linux_tests+=("$(basename "$f" .rs)")
+done
 if linux_tier_direct; then
-	VMON_LINUX_TIER=1 cargo test -p vmon --test linux_guest -- --test-threads=1
+	for t in "${linux_tests[@]}"; do
+		VMON_LINUX_TIER=1 cargo test -p vmon --test "$t" -- --test-threads=1
+	done
 elif [ -e /sys/module/kvm_pvm ] || [ "${VMON_FORCE_LAB:-0}" = 1 ]; then
-	# Build the test binary here; the lab runs it against the same tree over 9p.
-	bin=$(cargo test -q -p vmon --test linux_guest --no-run --message-format=json |
-		grep '"name":"linux_guest"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
-	[ -x "$bin" ] || { say "could not find the linux_guest test binary"; exit 1; }
+	# Build the test binaries here; the lab runs them against the same tree over 9p.
+	test_args=()
+	for t in "${linux_tests[@]}"; do test_args+=(--test "$t"); done
+	json=$(cargo test -q -p vmon "${test_args[@]}" --no-run --message-format=json)
+	bins=()
+	for t in "${linux_tests[@]}"; do
+		bin=$(grep "\"name\":\"$t\"" <<<"$json" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+		[ -x "$bin" ] || { say "could not find the $t test binary"; exit 1; }
+		bins+=("$bin")
+	done
 	# One lab session per test, and one retry. The lab (AMD-V emulated by TCG, kvm_amd
 	# inside) is itself flaky: a guest sometimes hangs or the lab kernel dies after a few
 	# guests, whichever VMM runs them (docs/lab.md has the figures, QEMU included). A fresh
@@ -50,6 +63,7 @@ elif [ -e /sys/module/kvm_pvm ] || [ "${VMON_FORCE_LAB:-0}" = 1 ]; then
 	# that fails is run once more in a new lab and reported as FLAKY if it then passes. A
 	# test that fails twice fails the tier.
 	failed=() flaky=()
+	for bin in "${bins[@]}"; do
 	for t in $("$bin" --list --format terse | sed -n 's/: test$//p'); do
 		for attempt in 1 2; do
 			rc=0
@@ -63,6 +77,7 @@ elif [ -e /sys/module/kvm_pvm ] || [ "${VMON_FORCE_LAB:-0}" = 1 ]; then
 		elif [ "$attempt" = 2 ]; then
 			flaky+=("$t")
 		fi
+	done
 	done
 	if ((${#flaky[@]})); then
 		say "FLAKY (failed once, passed on retry): ${flaky[*]}"

@@ -7,32 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run_vmon, Output};
+use common::{linux_tier, run_vmon, Output};
 
 /// A stock-kernel boot in the lab (nested AMD-V under TCG) takes 8-25 s; leave headroom.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn linux_tier(test: &str) -> bool {
-    if std::env::var("VMON_LINUX_TIER").as_deref() == Ok("1") {
-        assert!(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .is_ok(),
-            "{test}: VMON_LINUX_TIER=1 but /dev/kvm cannot be opened"
-        );
-        return true;
-    }
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        eprintln!(
-            "SKIPPED {test}: this host's KVM is PVM, where a stock kernel cannot boot; \
-             scripts/test.sh runs the Linux tier inside the lab (scripts/lab.sh)"
-        );
-        return false;
-    }
-    common::kvm_available(test)
-}
 
 fn guest(args: &[&str]) -> Output {
     let out = run_vmon(args, BOOT_TIMEOUT);

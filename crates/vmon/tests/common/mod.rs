@@ -10,6 +10,30 @@ use std::time::{Duration, Instant};
 
 pub const VMON: &str = env!("CARGO_BIN_EXE_vmon");
 
+/// Whether a Linux-tier test (stock Debian kernel) can run here. In the lab, or wherever
+/// `VMON_LINUX_TIER=1`, it must; on a PVM host it skips (scripts/test.sh runs it in the lab).
+pub fn linux_tier(test: &str) -> bool {
+    if std::env::var("VMON_LINUX_TIER").as_deref() == Ok("1") {
+        assert!(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok(),
+            "{test}: VMON_LINUX_TIER=1 but /dev/kvm cannot be opened"
+        );
+        return true;
+    }
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "SKIPPED {test}: this host's KVM is PVM, where a stock kernel cannot boot; \
+             scripts/test.sh runs the Linux tier inside the lab (scripts/lab.sh)"
+        );
+        return false;
+    }
+    kvm_available(test)
+}
+
 /// Whether tests that need /dev/kvm can run. With VMON_REQUIRE_KVM=1 (set by .ci/run
 /// wherever /dev/kvm exists) a missing or unusable KVM fails the test instead of skipping it.
 pub fn kvm_available(test: &str) -> bool {
