@@ -93,6 +93,31 @@ if [ -r "/lib/modules/$kver/vmon.load" ]; then
 fi
 ip link set lo up >/dev/null 2>&1
 
+# root=/dev/...: like a distribution's initramfs, mount that filesystem (read-
+# only unless "rw" is on the command line) and continue with its /sbin/init,
+# which sees the same command line. Only from the initramfs: the same script
+# running from the disk must not switch again.
+root='' rootmode=ro
+for tok in $cmdline; do
+	case $tok in
+	root=/dev/*) root=${tok#root=} ;;
+	rw) rootmode=rw ;;
+	ro) rootmode=ro ;;
+	esac
+done
+case $(stat -f -c %T / 2>/dev/null) in
+ramfs | tmpfs) from_initramfs=1 ;;
+*) from_initramfs=0 ;;
+esac
+if [ -n "$root" ] && [ "$from_initramfs" = 1 ]; then
+	mkdir -p /newroot
+	if mount -o "$rootmode" "$root" /newroot 2>/dev/ttyS1; then
+		umount /dev/pts /dev/shm 2>/dev/null
+		exec switch_root /newroot /sbin/init
+	fi
+	echo "vmon-init: cannot mount root=$root; staying in the initramfs" >/dev/ttyS1
+fi
+
 cmd64='' tty=0 winsize='' exitport=$((0x510))
 for tok in $cmdline; do
 	case $tok in

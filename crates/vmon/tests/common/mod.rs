@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod guest_tools;
+
 pub const VMON: &str = env!("CARGO_BIN_EXE_vmon");
 
 /// Whether a Linux-tier test (stock Debian kernel) can run here. In the lab, or wherever
@@ -203,7 +205,25 @@ pub struct Scratch(PathBuf);
 
 impl Scratch {
     pub fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
+        Self::new_in(&std::env::temp_dir(), name)
+    }
+
+    /// A scratch directory in memory (/dev/shm) when there is one: disk images there are
+    /// fast and support hole punching, unlike the lab's /tmp (the host's, over 9p, sync).
+    pub fn in_memory(name: &str) -> Scratch {
+        let shm = Path::new("/dev/shm");
+        let writable = shm.is_dir()
+            && std::fs::write(shm.join(format!(".vmon-probe-{}", std::process::id())), b"").is_ok();
+        let _ = std::fs::remove_file(shm.join(format!(".vmon-probe-{}", std::process::id())));
+        if writable {
+            Self::new_in(shm, name)
+        } else {
+            Self::new(name)
+        }
+    }
+
+    fn new_in(base: &Path, name: &str) -> Scratch {
+        let dir = base.join(format!(
             "vmon-test-{name}-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
