@@ -311,6 +311,18 @@ fn execute(disk: &mut Disk, mem: &GuestMemory, chain: &Chain, status_at: u64) ->
     let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
     let out_len = chain.readable_len() - HEADER_LEN;
+    // Each request moves its payload one way. A payload buffer facing the other way (a
+    // read into device-readable memory, a write from device-writable memory) is a broken
+    // request: serving what is left of it would report success for data never moved.
+    let misdirected = match kind {
+        T_IN | T_GET_ID => out_len != 0,
+        T_OUT | T_DISCARD | T_WRITE_ZEROES => status_at != 0,
+        _ => false,
+    };
+    if misdirected {
+        tracing::debug!(kind, "virtio-blk: payload buffer in the wrong direction");
+        return (S_IOERR, 0);
+    }
     let result = match kind {
         T_IN => read(disk, mem, chain, sector, status_at).map(|n| n as u32),
         T_OUT if disk.readonly => Err(S_IOERR),
@@ -570,4 +582,117 @@ fn write_zeroes_slowly(disk: &Disk, mut offset: u64, bytes: u64) -> io::Result<(
         offset += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::tests::memory;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x3000;
+
+    /// A disk of 8 sectors, each filled with its own number, in a file deleted on drop.
+    struct TestDisk {
+        disk: Disk,
+        path: PathBuf,
+    }
+
+    impl Drop for TestDisk {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn disk(name: &str, readonly: bool) -> TestDisk {
+        let path =
+            std::env::temp_dir().join(format!("vmon-virtio-blk-{name}-{}.img", std::process::id()));
+        let bytes: Vec<u8> = (0..8u8).flat_map(|s| [s; SECTOR_SIZE as usize]).collect();
+        std::fs::write(&path, bytes).unwrap();
+        let disk = Disk::open(&DiskOptions {
+            path: path.clone(),
+            readonly,
+            serial: None,
+            direct: false,
+        })
+        .unwrap();
+        TestDisk { disk, path }
+    }
+
+    /// Runs a request of `kind` at sector 1 whose payload is `data` (address, length,
+    /// device-writable) and returns the status byte and the used length.
+    fn request(d: &mut TestDisk, kind: u32, data: &[(u64, u32, bool)]) -> (u8, u32) {
+        let mem = memory();
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..16].copy_from_slice(&1u64.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HDR)).unwrap();
+        mem.write_slice(&[0xEE; 512], GuestAddress(DATA)).unwrap();
+        mem.write_obj(0xFFu8, GuestAddress(STATUS)).unwrap();
+        let mut chain = Chain::default();
+        chain.push(&mem, HDR, 16, false).unwrap();
+        for &(addr, len, writable) in data {
+            chain.push(&mem, addr, len, writable).unwrap();
+        }
+        chain.push(&mem, STATUS, 1, true).unwrap();
+        let len = handle(
+            &mut d.disk,
+            &mem,
+            Popped {
+                head: 0,
+                chain: Ok(chain),
+            },
+        );
+        (mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+    }
+
+    #[test]
+    fn reads_and_writes_in_the_right_direction_work() {
+        let mut d = disk("ok", false);
+        assert_eq!(request(&mut d, T_IN, &[(DATA, 512, true)]), (S_OK, 513));
+        assert_eq!(request(&mut d, T_OUT, &[(DATA, 512, false)]), (S_OK, 1));
+        assert_eq!(request(&mut d, T_GET_ID, &[(DATA, 20, true)]), (S_OK, 21));
+        assert_eq!(request(&mut d, T_FLUSH, &[]), (S_OK, 1));
+    }
+
+    #[test]
+    fn payloads_facing_the_wrong_way_fail() {
+        let mut d = disk("misdirected", false);
+        // A read into memory the device may only read: nothing could be read.
+        assert_eq!(request(&mut d, T_IN, &[(DATA, 512, false)]), (S_IOERR, 1));
+        assert_eq!(
+            request(&mut d, T_IN, &[(DATA, 512, false), (DATA + 512, 512, true)]),
+            (S_IOERR, 1)
+        );
+        assert_eq!(
+            request(&mut d, T_GET_ID, &[(DATA, 20, false)]),
+            (S_IOERR, 1)
+        );
+        // A write from memory the device may only write: nothing would be written.
+        assert_eq!(request(&mut d, T_OUT, &[(DATA, 512, true)]), (S_IOERR, 1));
+        assert_eq!(
+            request(&mut d, T_DISCARD, &[(DATA, 16, true)]),
+            (S_IOERR, 1)
+        );
+        assert_eq!(
+            request(&mut d, T_WRITE_ZEROES, &[(DATA, 16, true)]),
+            (S_IOERR, 1)
+        );
+        // The disk is untouched: sector 1 still holds ones.
+        let mut back = [0u8; 512];
+        use std::os::unix::fs::FileExt;
+        d.disk.file.read_exact_at(&mut back, 512).unwrap();
+        assert_eq!(back, [1u8; 512]);
+        // Unknown types stay unsupported whatever their buffers.
+        assert_eq!(request(&mut d, 0xFF, &[(DATA, 512, false)]), (S_UNSUPP, 1));
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes() {
+        let mut d = disk("ro", true);
+        assert_eq!(request(&mut d, T_OUT, &[(DATA, 512, false)]), (S_IOERR, 1));
+        assert_eq!(request(&mut d, T_IN, &[(DATA, 512, true)]), (S_OK, 513));
+    }
 }

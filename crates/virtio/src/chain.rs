@@ -6,6 +6,11 @@
 //! descriptor really ends the chain (so loops, next-indices outside the table and chains
 //! longer than the queue are caught: virtio-queue's iterator stops after queue-size
 //! descriptors, and we refuse a chain whose last descriptor still says "next").
+//! virtio-queue bounds an indirect table only by its own length (up to 65535 entries), so
+//! we also count every descriptor of the chain, direct and indirect, against the queue's
+//! maximum size: the spec's limit is the driver's queue size, but Linux, when it had to
+//! shrink a queue for lack of memory, still builds indirect tables up to the device's
+//! segment limit (which our devices derive from the maximum size).
 //! Devices then address the readable and writable parts as flat byte ranges.
 
 use std::num::Wrapping;
@@ -65,6 +70,7 @@ pub struct Popped {
 /// Takes the next available chain, if any.
 pub fn pop(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Popped>, QueueBroken> {
     let size = queue.size();
+    let max_descriptors = usize::from(queue.max_size());
     let mut iter = queue.iter(mem).map_err(|_| QueueBroken::AvailRing)?;
     let Some(descriptors) = iter.next() else {
         return Ok(None);
@@ -77,7 +83,10 @@ pub fn pop(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Popped>, Queue
     let mut terminated = false;
     let mut any = false;
     let parse = || -> Result<(), ChainError> {
-        for d in descriptors {
+        for (i, d) in descriptors.enumerate() {
+            if i == max_descriptors {
+                return Err(ChainError::Unterminated);
+            }
             any = true;
             terminated = !d.has_next();
             chain.push(mem, d.addr().0, d.len(), d.is_write_only())?;
@@ -441,6 +450,52 @@ pub(crate) mod tests {
         );
         // An indirect table outside RAM.
         assert!(pop_one(&mem, &[desc(0xC000_0000, 32, F_INDIRECT, 0)]).is_err());
+    }
+
+    #[test]
+    fn indirect_chains_longer_than_the_queue_are_unterminated() {
+        let mem = memory();
+        let table = 0x5_0000;
+        // The mock queue's maximum (and size) is 16: a chained table of 32 is too long.
+        let write_table = |n: u16| {
+            for i in 0..n {
+                let (flags, next) = if i + 1 == n {
+                    (F_WRITE, 0)
+                } else {
+                    (F_WRITE | F_NEXT, i + 1)
+                };
+                mem.write_obj(
+                    desc(0x1_0000, 8, flags, next),
+                    GuestAddress(table + 16 * u64::from(i)),
+                )
+                .unwrap();
+            }
+        };
+        write_table(32);
+        assert_eq!(
+            pop_one(&mem, &[desc(table, 32 * 16, F_INDIRECT, 0)]),
+            Err(ChainError::Unterminated)
+        );
+        write_table(17);
+        assert_eq!(
+            pop_one(&mem, &[desc(table, 17 * 16, F_INDIRECT, 0)]),
+            Err(ChainError::Unterminated)
+        );
+        // Exactly 16 is fine...
+        write_table(16);
+        let c = pop_one(&mem, &[desc(table, 16 * 16, F_INDIRECT, 0)]).unwrap();
+        assert_eq!(c.writable_len(), 16 * 8);
+        // ...but not behind a direct descriptor: the chain counts both.
+        assert_eq!(
+            pop_one(
+                &mem,
+                &[
+                    desc(0x2_0000, 8, F_NEXT, 1),
+                    desc(table, 16 * 16, F_INDIRECT, 0)
+                ]
+            ),
+            Err(ChainError::Unterminated)
+        );
     }
 
     #[test]

@@ -158,17 +158,15 @@ impl VirtioPci {
         let mut notify_cap = virtio_cap(CFG_NOTIFY, NOTIFY as u32, notify_len, 4).to_vec();
         notify_cap.extend_from_slice(&NOTIFY_MULTIPLIER.to_le_bytes());
         config.add_capability(CAP_VENDOR, &notify_cap, &[])?;
-        // The PCI configuration access capability: bar, offset and length are writable,
-        // and the 4-byte data window after them reaches into the BAR.
+        // The PCI configuration access capability (struct virtio_pci_cfg_cap: a 16-byte
+        // virtio_pci_cap and 4 data bytes): bar, offset and length are writable, and the
+        // data window after them reaches into the BAR.
         let mut writable = [0u8; 18];
         writable[2] = 0xFF; // bar
         writable[6..14].fill(0xFF); // offset, length
         writable[14..18].fill(0xFF); // data
-        let pci_cfg_cap = config.add_capability(
-            CAP_VENDOR,
-            &virtio_cap(CFG_PCI, 0, 0, 4 + 4)[..18],
-            &writable,
-        )?;
+        let pci_cfg_cap =
+            config.add_capability(CAP_VENDOR, &virtio_cap(CFG_PCI, 0, 0, 4), &writable)?;
         let notify = (0..queues.len())
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
@@ -378,6 +376,8 @@ impl VirtioPci {
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is the device's to set, never the driver's.
+        let value = value & !status::NEEDS_RESET;
         let new = value & !self.status;
         if new & status::FEATURES_OK != 0 {
             let offered = self.device_features();
@@ -394,7 +394,7 @@ impl VirtioPci {
                 return;
             }
         }
-        self.status |= value & !status::NEEDS_RESET;
+        self.status |= value;
         if new & status::DRIVER_OK != 0 && !self.active {
             if self.status & status::FEATURES_OK == 0 {
                 self.interrupt.fail_device("DRIVER_OK without FEATURES_OK");
@@ -606,5 +606,124 @@ impl BusDevice for VirtioPci {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.bar_write(offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::tests::memory;
+    use crate::ActivateError;
+    use vmon_devices::pci::msix::MsiMessage;
+
+    struct NoVectors;
+
+    impl MsiVectors for NoVectors {
+        fn route(&self, _: u16, _: MsiMessage) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn trigger(&self, _: u16) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A device with one queue that accepts activation and does nothing.
+    struct Idle;
+
+    impl VirtioDevice for Idle {
+        fn device_type(&self) -> u16 {
+            crate::device_id::RNG
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+            match a.queues.len() {
+                1 => Ok(()),
+                got => Err(ActivateError::QueueCount { got, want: 1 }),
+            }
+        }
+        fn reset(&mut self) {}
+    }
+
+    fn function() -> VirtioPci {
+        VirtioPci::new(Box::new(Idle), memory(), 0xC000_0000, Box::new(NoVectors)).unwrap()
+    }
+
+    fn cfg_byte(f: &mut VirtioPci, offset: usize) -> u8 {
+        let mut b = [0u8; 1];
+        f.read_config(offset, &mut b);
+        b[0]
+    }
+
+    fn status(f: &mut VirtioPci) -> u8 {
+        let mut b = [0u8; 1];
+        f.read(COMMON + 0x14, &mut b);
+        b[0]
+    }
+
+    fn write32(f: &mut VirtioPci, offset: u64, value: u32) {
+        f.write(offset, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn virtio_capabilities_have_their_structure_lengths() {
+        let mut f = function();
+        let mut at = usize::from(cfg_byte(&mut f, 0x34));
+        let mut seen = Vec::new();
+        while at != 0 {
+            if cfg_byte(&mut f, at) == CAP_VENDOR {
+                seen.push((cfg_byte(&mut f, at + 3), cfg_byte(&mut f, at + 2)));
+            }
+            at = usize::from(cfg_byte(&mut f, at + 1));
+        }
+        // virtio_pci_cap is 16 bytes; the notify and PCI-access capabilities add 4.
+        assert_eq!(
+            seen,
+            [
+                (CFG_COMMON, 16),
+                (CFG_ISR, 16),
+                (CFG_DEVICE, 16),
+                (CFG_NOTIFY, 20),
+                (CFG_PCI, 20)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_driver_cannot_set_needs_reset() {
+        let mut f = function();
+        f.write(COMMON + 0x14, &[status::ACKNOWLEDGE | status::NEEDS_RESET]);
+        assert_eq!(status(&mut f), status::ACKNOWLEDGE);
+        // Nor on the way through a refused FEATURES_OK (no VERSION_1 accepted).
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::NEEDS_RESET;
+        f.write(COMMON + 0x14, &[s]);
+        assert_eq!(status(&mut f), status::ACKNOWLEDGE | status::DRIVER);
+        // An honest driver gets FEATURES_OK; NEEDS_RESET appears only when the device fails.
+        write32(&mut f, COMMON + 0x08, 1);
+        write32(&mut f, COMMON + 0x0C, 1);
+        f.write(COMMON + 0x14, &[s]);
+        assert_eq!(
+            status(&mut f),
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK
+        );
+        // DRIVER_OK with no queue enabled is the device's failure.
+        f.write(COMMON + 0x14, &[s | status::DRIVER_OK]);
+        assert_eq!(
+            status(&mut f),
+            status::ACKNOWLEDGE
+                | status::DRIVER
+                | status::FEATURES_OK
+                | status::DRIVER_OK
+                | status::NEEDS_RESET
+        );
+        f.write(COMMON + 0x14, &[0]);
+        assert_eq!(status(&mut f), 0);
     }
 }
