@@ -50,6 +50,10 @@ elif [ -e /sys/module/kvm_pvm ] || [ "${VMON_FORCE_LAB:-0}" = 1 ]; then
 	test_args=()
 	for t in "${linux_tests[@]}"; do test_args+=(--test "$t"); done
 	json=$(cargo test -q -p vmon "${test_args[@]}" --no-run --message-format=json)
+	# The static guest helper (crates/guest-tools) that tests add to the guest's initramfs,
+	# where the tests' helper looks for it (crates/vmon/tests/common/guest_tools.rs).
+	cargo rustc -q -p vmon-guest-tools --release --bin vmon-guest \
+		--target-dir "${CARGO_TARGET_DIR:-target}/guest-tools" -- -C target-feature=+crt-static
 	bins=()
 	for t in "${linux_tests[@]}"; do
 		bin=$(grep "\"name\":\"$t\"" <<<"$json" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use vmon_memory::GuestMemory;
 
 use crate::chain::{self, Chain, Popped};
+use crate::rate_limiter::{Limits, RateLimiter};
 use crate::worker::{Wake, Worker};
 use crate::{device_id, ActivateError, Activation, VirtioDevice, COMMON_FEATURES};
 
@@ -31,6 +32,8 @@ const SERIAL_LEN: usize = 20;
 const HEADER_LEN: u64 = 16;
 const SEGMENT_LEN: u64 = 16;
 const IOV_MAX: usize = 1024;
+const QUEUE_TOKEN: u64 = 0;
+const LIMITER_TOKEN: u64 = 1;
 
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
@@ -59,6 +62,8 @@ pub struct DiskOptions {
     pub serial: Option<String>,
     /// Bypass the host page cache (O_DIRECT).
     pub direct: bool,
+    /// Bytes and requests per second the guest may use.
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +85,7 @@ pub enum DiskError {
 /// An open image and what the guest may do with it.
 pub struct Disk {
     file: File,
+    limits: Limits,
     sectors: u64,
     readonly: bool,
     direct: bool,
@@ -140,6 +146,7 @@ impl Disk {
         }
         Ok(Disk {
             file,
+            limits: opts.limits,
             sectors: bytes / SECTOR_SIZE,
             readonly: opts.readonly,
             direct: opts.direct,
@@ -233,27 +240,56 @@ impl VirtioDevice for Block {
             });
         }
         let mut disk = self.disk.take().ok_or(ActivateError::BackendLost)?;
+        let mut limiter = if disk.limits.is_unlimited() {
+            None
+        } else {
+            match RateLimiter::new(disk.limits) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    self.disk = Some(disk);
+                    return Err(ActivateError::Thread(e));
+                }
+            }
+        };
         let mut q = a.queues.remove(0);
         let worker = Worker::spawn(format!("virtio-blk {}", self.name), move |mut events| {
             let notify = q.notify.as_raw_fd();
-            if let Err(e) = events.add(notify, 0, false) {
+            let watched = events
+                .add(notify, QUEUE_TOKEN, false)
+                .and_then(|()| match &limiter {
+                    Some(l) => events.add(l.as_raw_fd(), LIMITER_TOKEN, false),
+                    None => Ok(()),
+                });
+            if let Err(e) = watched {
                 a.interrupt.fail_device(&format!("watching the queue: {e}"));
             } else {
+                let mut tokens = vec![QUEUE_TOKEN];
                 loop {
+                    if tokens.contains(&LIMITER_TOKEN) {
+                        if let Some(l) = &mut limiter {
+                            l.timer_fired();
+                        }
+                    }
                     let _ = q.notify.read();
-                    let served = chain::serve_all(&mut q.queue, &a.memory, |p| {
-                        handle(&mut disk, &a.memory, p)
+                    let served = chain::serve_some(&mut q.queue, &a.memory, |p| {
+                        if let Some(l) = &mut limiter {
+                            if !l.consume(request_bytes(&p)) {
+                                return None;
+                            }
+                        }
+                        Some(handle(&mut disk, &a.memory, p))
                     });
                     match served {
-                        Ok(true) => a.interrupt.signal_queue(0),
-                        Ok(false) => {}
+                        Ok(s) if s.notify => a.interrupt.signal_queue(0),
+                        Ok(_) => {}
                         Err(e) => {
                             a.interrupt.fail_device(&e.to_string());
                             let _ = events.remove(notify);
                         }
                     }
-                    if let Wake::Stop = events.wait() {
-                        break;
+                    match events.wait() {
+                        Wake::Stop => break,
+                        Wake::Ready(t) => tokens = t,
                     }
                 }
             }
@@ -279,6 +315,24 @@ impl VirtioDevice for Block {
             }
         }
     }
+}
+
+/// What a request costs against a byte limit: the data it moves, header and status aside.
+fn request_bytes(p: &Popped) -> u64 {
+    p.chain.as_ref().map_or(0, |c| {
+        c.readable_len().saturating_sub(HEADER_LEN) + c.writable_len().saturating_sub(1)
+    })
+}
+
+/// Serves every request on `queue` at once, on the calling thread: what the device thread
+/// does per wake-up, without rate limits. For the fuzz target and tests.
+#[doc(hidden)]
+pub fn serve_queue(
+    disk: &mut Disk,
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemory,
+) -> Result<bool, chain::QueueBroken> {
+    chain::serve_all(queue, mem, |p| handle(disk, mem, p))
 }
 
 /// Serves one request and returns the number of bytes written into its buffers.
@@ -616,6 +670,7 @@ mod tests {
             readonly,
             serial: None,
             direct: false,
+            limits: Limits::default(),
         })
         .unwrap();
         TestDisk { disk, path }

@@ -124,14 +124,40 @@ pub fn serve_all(
     mem: &GuestMemory,
     mut handle: impl FnMut(Popped) -> u32,
 ) -> Result<bool, QueueBroken> {
+    serve_some(queue, mem, |p| Some(handle(p))).map(|s| s.notify)
+}
+
+/// The result of [`serve_some`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The driver wants an interrupt for the chains used.
+    pub notify: bool,
+    /// The handler declined a chain; it is back on the ring for later.
+    pub stalled: bool,
+}
+
+/// Like [`serve_all`], but `handle` may decline a chain by returning `None` (a device
+/// waiting for a rate limit): the chain goes back on the available ring and serving stops
+/// until the device calls again. Driver notifications stay off while stalled; the device
+/// has its own wake-up.
+pub fn serve_some(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    mut handle: impl FnMut(Popped) -> Option<u32>,
+) -> Result<Served, QueueBroken> {
     let mut used = false;
-    loop {
+    let mut stalled = false;
+    'serve: loop {
         queue
             .disable_notification(mem)
             .map_err(|_| QueueBroken::UsedRing)?;
         while let Some(p) = pop(queue, mem)? {
             let head = p.head;
-            let len = handle(p);
+            let Some(len) = handle(p) else {
+                unpop(queue);
+                stalled = true;
+                break 'serve;
+            };
             complete(queue, mem, head, len)?;
             used = true;
         }
@@ -142,10 +168,11 @@ pub fn serve_all(
             break;
         }
     }
-    Ok(used
+    let notify = used
         && queue
             .needs_notification(mem)
-            .map_err(|_| QueueBroken::UsedRing)?)
+            .map_err(|_| QueueBroken::UsedRing)?;
+    Ok(Served { notify, stalled })
 }
 
 /// Puts back the chain just popped (the device could not take it yet, e.g. no room).

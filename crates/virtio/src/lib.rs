@@ -9,7 +9,7 @@
 //!   inside guest RAM, chains terminated, readable before writable.
 //! - [`worker`]: each active device runs its queues on its own thread, woken by the
 //!   queue eventfds and its backend's file descriptors through epoll.
-//! - Devices: [`block`], [`rng`].
+//! - Devices: [`block`], [`net`] (over a [`tap`]), [`rng`].
 //!
 //! Guest memory is untrusted: every access goes through vm-memory's bounds checks, and a
 //! request the device cannot make sense of fails that request (an error status to the
@@ -18,9 +18,15 @@
 
 pub mod block;
 pub mod chain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod interrupt;
+pub mod net;
+pub mod rate_limiter;
 pub mod rng;
+pub mod tap;
 pub mod transport;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;
@@ -106,4 +112,9 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
             .copied()
             .unwrap_or(0);
     }
+}
+
+/// Locks a mutex even if a thread panicked holding it (the data is still usable here).
+pub(crate) fn bus_lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

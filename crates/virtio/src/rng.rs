@@ -79,7 +79,10 @@ impl VirtioDevice for Rng {
     }
 }
 
-fn serve(
+/// Serves every request on `queue` at once, on the calling thread. Also the fuzz target's
+/// entry point.
+#[doc(hidden)]
+pub fn serve(
     queue: &mut virtio_queue::Queue,
     mem: &vmon_memory::GuestMemory,
 ) -> Result<bool, QueueBroken> {

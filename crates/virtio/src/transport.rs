@@ -155,7 +155,8 @@ impl VirtioPci {
             config.add_capability(CAP_VENDOR, &virtio_cap(kind, offset as u32, len, 0), &[])?;
         }
         let notify_len = (queues.len() as u32 * NOTIFY_MULTIPLIER).max(4);
-        let mut notify_cap = virtio_cap(CFG_NOTIFY, NOTIFY as u32, notify_len, 4).to_vec();
+        // notify_off_multiplier follows the 16-byte virtio_pci_cap (14 bytes of body).
+        let mut notify_cap = virtio_cap(CFG_NOTIFY, NOTIFY as u32, notify_len, 4)[..14].to_vec();
         notify_cap.extend_from_slice(&NOTIFY_MULTIPLIER.to_le_bytes());
         config.add_capability(CAP_VENDOR, &notify_cap, &[])?;
         // The PCI configuration access capability (struct virtio_pci_cfg_cap: a 16-byte
@@ -725,5 +726,23 @@ mod tests {
         );
         f.write(COMMON + 0x14, &[0]);
         assert_eq!(status(&mut f), 0);
+    }
+
+    #[test]
+    fn notify_multiplier_is_where_drivers_read_it() {
+        // struct virtio_pci_notify_cap: notify_off_multiplier at byte 16. Were it read as
+        // 0, every queue's notification would land on queue 0's eventfd.
+        let mut f = function();
+        let mut at = usize::from(cfg_byte(&mut f, 0x34));
+        while at != 0 {
+            if cfg_byte(&mut f, at) == CAP_VENDOR && cfg_byte(&mut f, at + 3) == CFG_NOTIFY {
+                let mut m = [0u8; 4];
+                f.read_config(at + 16, &mut m);
+                assert_eq!(u32::from_le_bytes(m), NOTIFY_MULTIPLIER);
+                return;
+            }
+            at = usize::from(cfg_byte(&mut f, at + 1));
+        }
+        panic!("no notify capability");
     }
 }

@@ -74,7 +74,7 @@ pub enum Wake {
 }
 
 impl EventLoop {
-    fn new(stop: EventFd) -> io::Result<Self> {
+    pub(crate) fn new(stop: EventFd) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -100,6 +100,26 @@ impl EventLoop {
     /// Changes what `fd` is watched for; `None` stops watching it for now.
     pub fn modify(&self, fd: RawFd, token: u64, events: Option<bool>) -> io::Result<()> {
         let set = events.map_or(EventSet::empty(), set);
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(set, token))
+    }
+
+    /// Changes what `fd` is watched for, readability and writability independently (e.g.
+    /// writability only, while the device has nowhere to put what it would read).
+    pub fn modify_events(
+        &self,
+        fd: RawFd,
+        token: u64,
+        readable: bool,
+        writable: bool,
+    ) -> io::Result<()> {
+        let mut set = EventSet::empty();
+        if readable {
+            set |= EventSet::IN;
+        }
+        if writable {
+            set |= EventSet::OUT;
+        }
         self.epoll
             .ctl(ControlOperation::Modify, fd, EpollEvent::new(set, token))
     }

@@ -113,6 +113,10 @@ pub enum VmmError {
     Devices(String),
     #[error("--disk: {0}")]
     Disk(#[from] vmon_virtio::block::DiskError),
+    #[error("--net: {0}")]
+    Net(#[from] vmon_virtio::tap::TapError),
+    #[error("--vsock {0}")]
+    Vsock(#[from] vmon_virtio::vsock::VsockError),
     #[error("{what}: {source}")]
     Host {
         what: &'static str,
@@ -157,6 +161,20 @@ impl VmmError {
                 vmon_virtio::block::DiskError::SerialTooLong(_) => USAGE,
                 _ => NO_INPUT,
             },
+            // A tap the host will not give us is a refused resource; naming something
+            // that cannot be a tap is the user's mistake.
+            VmmError::Net(e) => match e {
+                vmon_virtio::tap::TapError::InvalidName(_)
+                | vmon_virtio::tap::TapError::NotTap { .. } => USAGE,
+                _ => HOST_RESOURCES,
+            },
+            VmmError::Vsock(e) => match e {
+                vmon_virtio::vsock::VsockError::Bind { source, .. } => match source.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => NO_INPUT,
+                    _ => HOST_RESOURCES,
+                },
+                _ => USAGE,
+            },
         }
     }
 }
@@ -192,6 +210,24 @@ mod tests {
     }
 
     #[test]
+    fn tap_failures_are_refused_host_resources() {
+        use vmon_virtio::tap::TapError;
+        let denied = VmmError::Net(TapError::CreateDenied {
+            name: "tap0".into(),
+        });
+        assert_eq!(denied.exit_code(), exit_codes::HOST_RESOURCES);
+        assert!(denied
+            .to_string()
+            .starts_with("--net: cannot open tap 'tap0': permission denied"));
+        let busy = VmmError::Net(TapError::Busy {
+            name: "tap0".into(),
+        });
+        assert_eq!(busy.exit_code(), 71);
+        let not_tap = VmmError::Net(TapError::NotTap { name: "lo".into() });
+        assert_eq!(not_tap.exit_code(), exit_codes::USAGE);
+    }
+
+    #[test]
     fn missing_files_and_bad_images_are_told_apart() {
         let missing = VmmError::Boot(BootError::Read {
             what: "kernel",
@@ -211,6 +247,33 @@ mod tests {
         assert_eq!(
             bad.to_string(),
             "cannot load kernel '/x': not a bzImage or ELF"
+        );
+    }
+
+    #[test]
+    fn vsock_errors() {
+        use vmon_virtio::vsock::VsockError;
+        let bind = |kind| {
+            VmmError::Vsock(VsockError::Bind {
+                path: "/d/v.sock".into(),
+                source: std::io::Error::from(kind),
+            })
+        };
+        let missing_dir = bind(std::io::ErrorKind::NotFound);
+        assert_eq!(missing_dir.exit_code(), exit_codes::NO_INPUT);
+        assert_eq!(
+            missing_dir.to_string(),
+            "--vsock socket=/d/v.sock: entity not found"
+        );
+        assert_eq!(
+            bind(std::io::ErrorKind::OutOfMemory).exit_code(),
+            exit_codes::HOST_RESOURCES
+        );
+        let in_use = VmmError::Vsock(VsockError::InUse { path: "/v".into() });
+        assert_eq!(in_use.exit_code(), exit_codes::USAGE);
+        assert_eq!(
+            VmmError::Vsock(VsockError::BadCid(2)).exit_code(),
+            exit_codes::USAGE
         );
     }
 }

@@ -26,7 +26,10 @@ use vmon_hypervisor::{CpuProfile, Hypervisor, Vcpu, Vm};
 use vmon_memory::{create_guest_memory, GuestMemory, HostMemory, MemoryLayout};
 
 use vmon_virtio::block::{Block, Disk};
+use vmon_virtio::net::{MacAddr, Net};
 use vmon_virtio::rng::Rng;
+use vmon_virtio::tap::Tap;
+use vmon_virtio::vsock::{Vsock, VsockBackend};
 use vmon_virtio::VirtioDevice;
 
 use crate::config::VmConfig;
@@ -91,6 +94,16 @@ impl Machine {
             .iter()
             .map(Disk::open)
             .collect::<Result<Vec<_>, _>>()?;
+        let taps = config
+            .nets
+            .iter()
+            .map(|n| Tap::open(&n.tap))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vsock = config
+            .vsock
+            .as_ref()
+            .map(|v| VsockBackend::bind(v).map(|b| (v.cid, b)))
+            .transpose()?;
         let hypervisor = Hypervisor::open()?;
         let max_cpus = (hypervisor.max_vcpus() as u32).min(mptable::MAX_CPUS);
         if config.cpus > max_cpus {
@@ -168,6 +181,15 @@ impl Machine {
         let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
             virtio.push(Box::new(Block::new(disk, format!("disk{i}"))));
+        }
+        for (i, (tap, opts)) in taps.into_iter().zip(&config.nets).enumerate() {
+            let mac = opts.mac.unwrap_or_else(MacAddr::random);
+            tracing::info!("net{i}: tap '{}', guest MAC {mac}", tap.name());
+            let net = Net::new(Box::new(tap), mac, format!("net{i}")).with_limits(opts.limits);
+            virtio.push(Box::new(net));
+        }
+        if let Some((cid, backend)) = vsock {
+            virtio.push(Box::new(Vsock::new(cid, backend)));
         }
         if config.rng {
             virtio.push(Box::new(Rng::new()));

@@ -7,7 +7,7 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use vmon_hypervisor::Hypervisor;
 use vmon_memory::MemSize;
-use vmon_vmm::config::DiskOptions;
+use vmon_vmm::config::{DiskOptions, NetOptions, VsockOptions};
 use vmon_vmm::{exit_codes, Machine, VmConfig, VmmError};
 
 use crate::base64;
@@ -65,9 +65,18 @@ struct RunArgs {
     /// (the guest sees vda, vdb, ... in order)
     #[arg(long = "disk", value_name = "SPEC", value_parser = vmon_vmm::config::parse_disk)]
     disks: Vec<DiskOptions>,
+    /// A virtio-net device on a host tap: tap=NAME[,mac=MAC]; repeat for more (eth0, eth1,
+    /// ...). The tap must exist (`ip tuntap add NAME mode tap user $USER`) unless vmon may
+    /// create it (CAP_NET_ADMIN); without mac= the guest gets a random 02:xx:... address
+    #[arg(long = "net", value_name = "SPEC", value_parser = vmon_vmm::config::parse_net)]
+    nets: Vec<NetOptions>,
     /// Add a virtio-rng device fed from the host's getrandom
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device: cid=N,socket=PATH. Guest connections to host port P go to the
+    /// Unix socket PATH_P; host programs connect to PATH and write "CONNECT P\n"
+    #[arg(long = "vsock", value_name = "SPEC", value_parser = vmon_vmm::config::parse_vsock)]
+    vsock: Option<VsockOptions>,
     /// Command to run in the guest; its stdout becomes vmon's and its status vmon's
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -101,7 +110,7 @@ Exit status:
   1-255  with `run -- CMD`: CMD's exit status
   64     bad command line or value      65  kernel/initrd is not a valid image
   66     kernel/initrd/disk unreadable  69  KVM is missing or unusable
-  70     unexpected KVM exit (VMM fault) 71 the host refused memory or threads
+  70     unexpected KVM exit (VMM fault) 71 the host refused memory, threads, a tap
   76     the guest crashed (triple fault or kernel panic)
   128+N  stopped by signal N (Ctrl-A x on the console counts as SIGINT)";
 
@@ -253,7 +262,9 @@ fn run(args: RunArgs) -> i32 {
         nested: args.cpu.unwrap_or_default().nested,
         console_input: true,
         disks: args.disks,
+        nets: args.nets,
         rng: args.rng,
+        vsock: args.vsock,
         ..VmConfig::new(kernel)
     };
     let outcome = Machine::new(&config).and_then(Machine::run);

@@ -281,3 +281,39 @@ fn hwrng_gives_bytes() {
         "random bytes do not compress: {compressed}"
     );
 }
+
+#[test]
+fn a_rate_limited_disk_is_held_to_its_limit() {
+    if !linux_tier("a_rate_limited_disk_is_held_to_its_limit") {
+        return;
+    }
+    let scratch = Scratch::in_memory("blk-limit");
+    let img = scratch.file("limited.img", &pattern(8 * MIB, 0x1e1e));
+    // 2 MiB/s with a 2 MiB burst: reading 6 MiB cannot take less than 2 s, however fast
+    // the host is. (Only the lower bound is a property of the limiter.)
+    let disk = disk_arg(&img, ",bps=2M");
+    let out = guest(&[
+        "run",
+        "--disk",
+        &disk,
+        "--",
+        "sh",
+        "-c",
+        "read a _ </proc/uptime; \
+         dd if=/dev/vda of=/dev/null bs=64k count=96 iflag=direct 2>/dev/null; \
+         read b _ </proc/uptime; \
+         echo $a $b",
+    ]);
+    assert_eq!(out.code(), 0);
+    let t: Vec<f64> = out
+        .stdout
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let seconds = t[1] - t[0];
+    eprintln!("6 MiB at bps=2M took {seconds:.2} s in the guest");
+    assert!(
+        seconds >= 1.8,
+        "6 MiB at 2 MiB/s (2 MiB burst) took {seconds} s"
+    );
+}

@@ -1234,7 +1234,7 @@ fn config_space_abuse_is_harmless() {
     d.cfg_read(4, slot, 0x00, 0x1042_1AF4);
     // The capability list, as transport.rs builds it: MSI-X at 0x40, then the virtio
     // capabilities (common 0x4C, ISR 0x60, device 0x74, notify 0x88) and last the PCI
-    // configuration access capability at 0xA0, whose data window is at 0xB0.
+    // configuration access capability at 0x9C, whose data window is at 0xAC.
     d.text("pci: the MSI-X capability and the PCI configuration access capability");
     d.cfg_read(4, slot, 0x40, 0x0001_4C11);
     d.cfg_write(4, slot, 0x40, 0x3FFF_FFFF); // table size and links are read-only
@@ -1243,31 +1243,31 @@ fn config_space_abuse_is_harmless() {
     d.cfg_write(4, slot, 0x48, 0);
     d.cfg_read(4, slot, 0x44, MSIX_TABLE);
     d.cfg_read(4, slot, 0x48, MSIX_PBA);
-    d.cfg_read(4, slot, 0xA0, 0x0514_0009); // cap_len 20: struct virtio_pci_cfg_cap
-    d.cfg_write(4, slot, 0xA0, 0xFFFF_FFFF);
-    d.cfg_read(4, slot, 0xA0, 0x0514_0009);
+    d.cfg_read(4, slot, 0x9C, 0x0514_0009); // cap_len 20: struct virtio_pci_cfg_cap
+    d.cfg_write(4, slot, 0x9C, 0xFFFF_FFFF);
+    d.cfg_read(4, slot, 0x9C, 0x0514_0009);
     // bar 0, offset 0x2000 (capacity), length 4: the window shows the device config.
-    d.cfg_write(4, slot, 0xA4, 0);
-    d.cfg_write(4, slot, 0xA8, 0x2000);
-    d.cfg_write(4, slot, 0xAC, 4);
-    d.cfg_read(4, slot, 0xB0, SECTORS);
+    d.cfg_write(4, slot, 0xA0, 0);
+    d.cfg_write(4, slot, 0xA4, 0x2000);
+    d.cfg_write(4, slot, 0xA8, 4);
+    d.cfg_read(4, slot, 0xAC, SECTORS);
     // A window past the BAR, on another BAR, or of length 3 does nothing.
     for (bar, offset, len) in [(0, 0x7FFE, 4), (0, 0xFFFF_FFFE, 4), (1, 0, 4), (0, 0x12, 3)] {
-        d.cfg_write(1, slot, 0xA4, bar);
-        d.cfg_write(4, slot, 0xA8, offset);
-        d.cfg_write(4, slot, 0xAC, len);
-        d.cfg_write(4, slot, 0xB0, 0);
-        d.cfg_read(4, slot, 0xB0, 0);
+        d.cfg_write(1, slot, 0xA0, bar);
+        d.cfg_write(4, slot, 0xA4, offset);
+        d.cfg_write(4, slot, 0xA8, len);
+        d.cfg_write(4, slot, 0xAC, 0);
+        d.cfg_read(4, slot, 0xAC, 0);
     }
     // Through the window: the number of queues, and a status write of 0 (a reset).
-    d.cfg_write(1, slot, 0xA4, 0);
-    d.cfg_write(4, slot, 0xA8, NUM_QUEUES as u32);
-    d.cfg_write(4, slot, 0xAC, 2);
-    d.cfg_read(2, slot, 0xB0, 1);
+    d.cfg_write(1, slot, 0xA0, 0);
+    d.cfg_write(4, slot, 0xA4, NUM_QUEUES as u32);
+    d.cfg_write(4, slot, 0xA8, 2);
+    d.cfg_read(2, slot, 0xAC, 1);
     d.bar_write(1, STATUS, ACK);
-    d.cfg_write(4, slot, 0xA8, STATUS as u32);
-    d.cfg_write(4, slot, 0xAC, 1);
-    d.cfg_write(1, slot, 0xB0, 0);
+    d.cfg_write(4, slot, 0xA4, STATUS as u32);
+    d.cfg_write(4, slot, 0xA8, 1);
+    d.cfg_write(1, slot, 0xAC, 0);
     d.status_is(0);
 
     d.text("device config: past its end, odd sizes, writes");
@@ -1390,10 +1390,10 @@ fn config_space_abuse_is_harmless() {
         d.chain(&[(HDR, 16, 0), (DATA, 512, W), (STATUS_BUF, 1, W)]);
         d.offer(0);
         if how == "window" {
-            d.cfg_write(1, slot, 0xA4, 0);
-            d.cfg_write(4, slot, 0xA8, NOTIFY as u32);
-            d.cfg_write(4, slot, 0xAC, 2);
-            d.cfg_write(2, slot, 0xB0, 0);
+            d.cfg_write(1, slot, 0xA0, 0);
+            d.cfg_write(4, slot, 0xA4, NOTIFY as u32);
+            d.cfg_write(4, slot, 0xA8, 2);
+            d.cfg_write(2, slot, 0xAC, 0);
         } else {
             // Not the registered address, so no ioeventfd: the transport sees it.
             d.bar_write(2, NOTIFY + 2, 0);

@@ -1,0 +1,1369 @@
+//! virtio-net over a packet backend (a [`crate::tap::Tap`] in vmon).
+//!
+//! Two queues, receive (0) and transmit (1); no control queue, no multiqueue. The
+//! configuration space holds the MAC address and the link status. Every packet on either
+//! queue starts with the 12-byte `virtio_net_hdr_v1`, which is also the tap's header format
+//! (`IFF_VNET_HDR`, header size 12), so packets move between guest memory and the tap with
+//! one `readv`/`writev` each and no copy:
+//!
+//! - **TX**: the readable buffers of a chain (header, then the frame) are written to the
+//!   tap in one call; a tap write is one packet. If the tap says EAGAIN the chain stays on
+//!   the queue and the device waits for the tap to become writable.
+//! - **RX**: when the tap is readable and the driver has posted a buffer, the tap reads one
+//!   packet straight into the chain's writable buffers; the device then sets `num_buffers`
+//!   to 1 (the tap does not fill in those two bytes). Without posted buffers the device stops
+//!   watching the tap for reading until the driver notifies the receive queue: packets wait
+//!   in the tap's own queue (which drops when full, as a NIC would), never in a busy loop.
+//!   A packet larger than the posted chain is dropped and the chain returned with length 0;
+//!   the driver counts it as a length error. To tell, the read goes on past the chain's
+//!   buffers into a 64 KiB host scratch buffer: anything landing there means the packet
+//!   did not fit (kernels differ in what a tap read returns for a packet cut short, so the
+//!   returned length alone cannot say). This only happens when the host sends frames
+//!   bigger than the driver expects (e.g. a larger MTU on the tap).
+//!
+//! Offloads: the device offers checksum offload and TSO both ways. What the driver can
+//! *receive* (the `GUEST_*` features it accepts) becomes the tap's `TUNSETOFFLOAD` flags,
+//! so the host kernel only hands over partial-checksum or GSO packets the driver asked
+//! for. What the driver *sends* needs nothing: a tap with virtio headers accepts GSO and
+//! partial-checksum packets whatever its offload flags.
+//!
+//! MRG_RXBUF is not offered: a merged packet's buffers must appear in the used ring
+//! together, and virtio-queue publishes every used element as it is added. Without it Linux
+//! posts "big packet" chains of 64 KiB and more when it accepts TSO, so GSO packets fit.
+//!
+//! Interrupts are raised once per batch of chains, when the driver wants one (EVENT_IDX is
+//! honoured through virtio-queue). A malformed chain fails only that packet (length 0); a
+//! broken queue sets DEVICE_NEEDS_RESET. If the tap goes away under the VM (`ip link del`),
+//! the device reports the link down, drops what the guest sends and stops watching the tap.
+
+use std::fmt;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_net as vn;
+use virtio_queue::{Queue, QueueT};
+use vmon_memory::GuestMemory;
+
+use crate::chain::{self, Chain, ChainError, Popped, QueueBroken};
+use crate::interrupt::Interrupt;
+use crate::rate_limiter::{Limits, RateLimiter};
+use crate::worker::{EventLoop, Wake, Worker};
+use crate::{device_id, ActivateError, Activation, ActiveQueue, VirtioDevice, COMMON_FEATURES};
+
+/// Size of `virtio_net_hdr_v1` (with `num_buffers`): the header of every packet.
+pub const VNET_HDR_LEN: usize = 12;
+const NUM_BUFFERS_OFFSET: u64 = 10;
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const TOKEN_RX: u64 = 0;
+const TOKEN_TX: u64 = 1;
+const TOKEN_BACKEND: u64 = 2;
+const TOKEN_TX_LIMIT: u64 = 3;
+const TOKEN_RX_LIMIT: u64 = 4;
+/// Packets served per queue before the thread looks at its other events again.
+const BATCH: usize = 256;
+/// More buffers than one readv/writev takes: such a chain is refused.
+const IOV_MAX: usize = 1024;
+/// Host buffer a receive continues into past the driver's buffers, to see whether the
+/// packet fitted: larger than any packet a tap hands over (GSO packets are under 64 KiB).
+const OVERFLOW_LEN: usize = 64 * 1024;
+const CONFIG_LEN: usize = 8;
+
+const fn bit(n: u32) -> u64 {
+    1 << n
+}
+pub const F_CSUM: u64 = bit(vn::VIRTIO_NET_F_CSUM);
+pub const F_GUEST_CSUM: u64 = bit(vn::VIRTIO_NET_F_GUEST_CSUM);
+pub const F_MAC: u64 = bit(vn::VIRTIO_NET_F_MAC);
+pub const F_GUEST_TSO4: u64 = bit(vn::VIRTIO_NET_F_GUEST_TSO4);
+pub const F_GUEST_TSO6: u64 = bit(vn::VIRTIO_NET_F_GUEST_TSO6);
+pub const F_GUEST_ECN: u64 = bit(vn::VIRTIO_NET_F_GUEST_ECN);
+pub const F_GUEST_UFO: u64 = bit(vn::VIRTIO_NET_F_GUEST_UFO);
+pub const F_HOST_TSO4: u64 = bit(vn::VIRTIO_NET_F_HOST_TSO4);
+pub const F_HOST_TSO6: u64 = bit(vn::VIRTIO_NET_F_HOST_TSO6);
+pub const F_HOST_ECN: u64 = bit(vn::VIRTIO_NET_F_HOST_ECN);
+pub const F_STATUS: u64 = bit(vn::VIRTIO_NET_F_STATUS);
+const S_LINK_UP: u16 = vn::VIRTIO_NET_S_LINK_UP as u16;
+
+/// Feature bits the device offers.
+pub const FEATURES: u64 = COMMON_FEATURES
+    | F_MAC
+    | F_STATUS
+    | F_CSUM
+    | F_GUEST_CSUM
+    | F_GUEST_TSO4
+    | F_GUEST_TSO6
+    | F_GUEST_ECN
+    | F_HOST_TSO4
+    | F_HOST_TSO6
+    | F_HOST_ECN;
+
+/// The tap offload flags (`TUN_F_*`) for what a driver with `features` can receive:
+/// partial checksums with GUEST_CSUM, and on top of that the GSO kinds it accepted.
+pub fn offload_flags(features: u64) -> u32 {
+    if features & F_GUEST_CSUM == 0 {
+        return 0;
+    }
+    let mut flags = libc::TUN_F_CSUM;
+    if features & F_GUEST_TSO4 != 0 {
+        flags |= libc::TUN_F_TSO4;
+    }
+    if features & F_GUEST_TSO6 != 0 {
+        flags |= libc::TUN_F_TSO6;
+    }
+    if features & F_GUEST_ECN != 0 && flags & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0 {
+        flags |= libc::TUN_F_TSO_ECN;
+    }
+    if features & F_GUEST_UFO != 0 {
+        flags |= libc::TUN_F_UFO;
+    }
+    flags
+}
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A random locally administered unicast address: 02:xx:xx:xx:xx:xx.
+    pub fn random() -> Self {
+        let mut b = [0u8; 6];
+        let mut done = 0;
+        while done < b.len() {
+            // SAFETY: the pointer and length describe the unfilled tail of `b`.
+            let n = unsafe { libc::getrandom(b[done..].as_mut_ptr().cast(), b.len() - done, 0) };
+            if n > 0 {
+                done += n as usize;
+            }
+        }
+        b[0] = 0x02;
+        MacAddr(b)
+    }
+
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 != 0
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    /// Six two-digit hex bytes separated by ':'; multicast and all-zero addresses are
+    /// refused (a NIC cannot have them).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("mac={s}: use six hex bytes like 02:00:00:00:00:01");
+        let mut b = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut b {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 || !part.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        let mac = MacAddr(b);
+        if mac.is_multicast() {
+            return Err(format!(
+                "mac={s}: a multicast address (the first byte is odd) cannot be a NIC's address"
+            ));
+        }
+        if b == [0; 6] {
+            return Err(format!("mac={s}: the all-zero address is not valid"));
+        }
+        Ok(mac)
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A network device as configured: the tap to attach to and the guest's MAC address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetOptions {
+    pub tap: String,
+    /// None: a random locally administered address.
+    pub mac: Option<MacAddr>,
+    /// Applied to each direction separately: what the guest sends, and what it receives.
+    pub limits: Limits,
+}
+
+/// Where a virtio-net device's packets go. Every packet starts with a
+/// `virtio_net_hdr_v1` ([`VNET_HDR_LEN`] bytes).
+pub trait Backend: AsRawFd + Send {
+    /// Reads one packet into `iov` and returns its length, or (if it did not fit, and the
+    /// rest is lost) at least the room the buffers had. EAGAIN when there is none.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for writes for the duration of the call.
+    unsafe fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize>;
+
+    /// Writes one packet gathered from `iov`. EAGAIN when the backend cannot take it now;
+    /// the descriptor then polls writable when it can.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for reads for the duration of the call.
+    unsafe fn send(&self, iov: &[libc::iovec]) -> io::Result<usize>;
+
+    /// Sets which offloaded packets (`TUN_F_*`) the backend may hand to [`Backend::recv`].
+    fn set_offload(&self, flags: u32) -> io::Result<()>;
+
+    /// How to name the backend in messages.
+    fn describe(&self) -> String;
+}
+
+/// Per-device packet counters, shared with whoever reports metrics.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// Packets and frame bytes (headers excluded) delivered to the guest.
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Packets from the backend that did not fit the buffer the driver posted.
+    pub rx_dropped: AtomicU64,
+    /// Malformed receive chains and backend read errors.
+    pub rx_errors: AtomicU64,
+    /// Packets and frame bytes (headers excluded) the backend accepted from the guest.
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Well-formed packets the backend refused (or could not take: it went away).
+    pub tx_dropped: AtomicU64,
+    /// Malformed transmit chains (bad descriptors, shorter than the header).
+    pub tx_errors: AtomicU64,
+}
+
+/// A copy of [`NetCounters`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    pub rx_errors: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+    pub tx_errors: u64,
+}
+
+impl NetCounters {
+    pub fn snapshot(&self) -> NetStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetStats {
+            rx_packets: get(&self.rx_packets),
+            rx_bytes: get(&self.rx_bytes),
+            rx_dropped: get(&self.rx_dropped),
+            rx_errors: get(&self.rx_errors),
+            tx_packets: get(&self.tx_packets),
+            tx_bytes: get(&self.tx_bytes),
+            tx_dropped: get(&self.tx_dropped),
+            tx_errors: get(&self.tx_errors),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+pub struct Net {
+    backend: Option<Box<dyn Backend>>,
+    mac: MacAddr,
+    link_up: Arc<AtomicBool>,
+    counters: Arc<NetCounters>,
+    worker: Option<Worker<Box<dyn Backend>>>,
+    name: String,
+    limits: Limits,
+}
+
+impl Net {
+    /// Rate-limits each direction (guest to host, host to guest) to `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn new(backend: Box<dyn Backend>, mac: MacAddr, name: String) -> Self {
+        Net {
+            backend: Some(backend),
+            mac,
+            link_up: Arc::new(AtomicBool::new(true)),
+            counters: Arc::default(),
+            worker: None,
+            name,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The device's packet counters; they keep counting across resets.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..6].copy_from_slice(&self.mac.0);
+        let status = if self.link_up.load(Ordering::Acquire) {
+            S_LINK_UP
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u16 {
+        device_id::NET
+    }
+
+    fn pci_class(&self) -> u32 {
+        0x02_0000 // network, Ethernet
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let [rx, tx]: [ActiveQueue; 2] =
+            a.queues
+                .try_into()
+                .map_err(|q: Vec<ActiveQueue>| ActivateError::QueueCount {
+                    got: q.len(),
+                    want: 2,
+                })?;
+        let limiter = |limits: Limits| {
+            if limits.is_unlimited() {
+                Ok(None)
+            } else {
+                RateLimiter::new(limits).map(Some)
+            }
+        };
+        let tx_limiter = limiter(self.limits).map_err(ActivateError::Thread)?;
+        let rx_limiter = limiter(self.limits).map_err(ActivateError::Thread)?;
+        let backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
+        let offload = offload_flags(a.features);
+        if let Err(e) = backend.set_offload(offload) {
+            // Keep the tap from handing over packets the driver cannot take.
+            tracing::warn!(
+                "virtio-net {}: {}: offloads {offload:#x}: {e}",
+                self.name,
+                backend.describe()
+            );
+            if let Err(e) = backend.set_offload(0) {
+                tracing::warn!("virtio-net {}: turning offloads off: {e}", self.name);
+            }
+        }
+        self.link_up.store(true, Ordering::Release);
+        let runner = Runner {
+            rx,
+            tx,
+            io: PacketIo {
+                backend,
+                memory: a.memory,
+                counters: self.counters.clone(),
+                guest_csum: a.features & F_GUEST_CSUM != 0,
+                gone: false,
+                overflow: vec![0; OVERFLOW_LEN],
+            },
+            interrupt: a.interrupt,
+            link_up: self.link_up.clone(),
+            rx_paused: false,
+            tx_blocked: false,
+            watching: None,
+            name: self.name.clone(),
+            tx_limiter,
+            rx_limiter,
+            rx_throttled: false,
+        };
+        let worker = Worker::spawn(format!("virtio-net {}", self.name), move |events| {
+            runner.run(events)
+        })
+        .map_err(ActivateError::Thread)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.backend = w.stop();
+            if self.backend.is_none() {
+                tracing::error!(net = %self.name, "virtio-net thread died; the tap is gone");
+            }
+        }
+    }
+}
+
+/// What moves packets between chains and the backend.
+struct PacketIo {
+    backend: Box<dyn Backend>,
+    memory: GuestMemory,
+    counters: Arc<NetCounters>,
+    /// The driver accepted GUEST_CSUM; otherwise header flags must read zero.
+    guest_csum: bool,
+    /// The backend failed for good (the tap was deleted).
+    gone: bool,
+    /// Receives continue here past the driver's buffers (see [`OVERFLOW_LEN`]).
+    overflow: Vec<u8>,
+}
+
+enum Sent {
+    /// The chain is done with (sent, dropped or refused).
+    Done,
+    /// The backend cannot take it now: keep it on the queue.
+    WouldBlock,
+}
+
+enum Received {
+    /// A packet of this many bytes (header included) is in the chain.
+    Packet(u32),
+    /// The chain is returned empty: malformed, or the packet did not fit.
+    Dropped,
+    /// Nothing to read (or no backend any more): keep the chain on the queue.
+    Nothing,
+}
+
+impl PacketIo {
+    fn send(&mut self, chain: Result<Chain, ChainError>) -> Sent {
+        let c = &self.counters;
+        let chain = match chain {
+            Ok(chain) if chain.readable_len() >= VNET_HDR_LEN as u64 => chain,
+            Ok(_) => {
+                tracing::debug!("virtio-net: transmit chain shorter than the header");
+                bump(&c.tx_errors, 1);
+                return Sent::Done;
+            }
+            Err(e) => {
+                tracing::debug!("virtio-net: bad transmit chain: {e}");
+                bump(&c.tx_errors, 1);
+                return Sent::Done;
+            }
+        };
+        let len = chain.readable_len();
+        let iov = match chain.readable_iovecs(&self.memory, 0, len) {
+            Ok(iov) if iov.len() <= IOV_MAX => iov,
+            _ => {
+                bump(&c.tx_errors, 1);
+                return Sent::Done;
+            }
+        };
+        if self.gone {
+            bump(&c.tx_dropped, 1);
+            return Sent::Done;
+        }
+        // SAFETY: the iovecs come from `Chain::readable_iovecs`: vm-memory checked each
+        // against guest RAM, which stays mapped while this thread holds `memory`. The guest
+        // changing the bytes meanwhile only changes the packet.
+        match unsafe { self.backend.send(&iov) } {
+            Ok(_) => {
+                bump(&c.tx_packets, 1);
+                bump(&c.tx_bytes, len - VNET_HDR_LEN as u64);
+                Sent::Done
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::WouldBlock,
+            Err(e) => {
+                gone_if_ebadfd(&mut self.gone, &e);
+                tracing::debug!(
+                    "virtio-net: {} refused a packet: {e}",
+                    self.backend.describe()
+                );
+                bump(&c.tx_dropped, 1);
+                Sent::Done
+            }
+        }
+    }
+
+    fn recv(&mut self, chain: Result<Chain, ChainError>) -> Received {
+        let c = &self.counters;
+        if self.gone {
+            return Received::Nothing;
+        }
+        let chain = match chain {
+            Ok(chain) if chain.writable_len() >= VNET_HDR_LEN as u64 => chain,
+            Ok(_) => {
+                tracing::debug!("virtio-net: receive chain shorter than the header");
+                bump(&c.rx_errors, 1);
+                return Received::Dropped;
+            }
+            Err(e) => {
+                tracing::debug!("virtio-net: bad receive chain: {e}");
+                bump(&c.rx_errors, 1);
+                return Received::Dropped;
+            }
+        };
+        let room = chain.writable_len();
+        let mut iov = match chain.writable_iovecs(&self.memory, 0, room) {
+            Ok(iov) if iov.len() < IOV_MAX => iov,
+            _ => {
+                bump(&c.rx_errors, 1);
+                return Received::Dropped;
+            }
+        };
+        iov.push(libc::iovec {
+            iov_base: self.overflow.as_mut_ptr().cast(),
+            iov_len: self.overflow.len(),
+        });
+        // SAFETY: all but the last iovec come from `Chain::writable_iovecs`: vm-memory
+        // checked each against guest RAM, which stays mapped while this thread holds
+        // `memory`; the last is `overflow`, which we own and do not touch meanwhile.
+        let n = match unsafe { self.backend.recv(&iov) } {
+            Ok(n) => n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Nothing,
+            Err(e) => {
+                if gone_if_ebadfd(&mut self.gone, &e) {
+                    return Received::Nothing;
+                }
+                tracing::debug!("virtio-net: reading {}: {e}", self.backend.describe());
+                bump(&c.rx_errors, 1);
+                return Received::Dropped;
+            }
+        };
+        if n > room {
+            tracing::debug!("virtio-net: dropped a {n}-byte packet: the driver posted {room}");
+            bump(&c.rx_dropped, 1);
+            return Received::Dropped;
+        }
+        if n < VNET_HDR_LEN as u64 {
+            bump(&c.rx_errors, 1);
+            return Received::Dropped;
+        }
+        // One buffer per packet (no MRG_RXBUF); without GUEST_CSUM, flags must be zero
+        // (the tap may have said DATA_VALID).
+        let mut written = chain.write_at(&self.memory, NUM_BUFFERS_OFFSET, &1u16.to_le_bytes());
+        if !self.guest_csum && written.is_ok() {
+            written = chain.write_at(&self.memory, 0, &[0]);
+        }
+        if written.is_err() {
+            bump(&c.rx_errors, 1);
+            return Received::Dropped;
+        }
+        bump(&c.rx_packets, 1);
+        bump(&c.rx_bytes, n - VNET_HDR_LEN as u64);
+        Received::Packet(n as u32)
+    }
+}
+
+/// A tap whose interface was deleted answers EBADFD from then on.
+fn gone_if_ebadfd(gone: &mut bool, e: &io::Error) -> bool {
+    if e.raw_os_error() == Some(libc::EBADFD) {
+        *gone = true;
+    }
+    *gone
+}
+
+/// The device thread's state.
+struct Runner {
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    io: PacketIo,
+    interrupt: Arc<Interrupt>,
+    link_up: Arc<AtomicBool>,
+    /// No receive buffers: the backend is not watched for reading until the driver
+    /// notifies the receive queue.
+    rx_paused: bool,
+    /// The backend said EAGAIN to a packet: it is watched for writability.
+    tx_blocked: bool,
+    /// What the backend's descriptor is registered for (readable, writable); None when
+    /// it is not registered at all (so its errors cannot wake the thread either).
+    watching: Option<(bool, bool)>,
+    name: String,
+    /// Limits on what the guest sends and what it receives; each has a timerfd that
+    /// wakes the thread when tokens are back.
+    tx_limiter: Option<RateLimiter>,
+    rx_limiter: Option<RateLimiter>,
+    /// Receiving waits for the receive limiter: the backend is not watched for reading.
+    rx_throttled: bool,
+}
+
+impl Runner {
+    fn run(mut self, mut events: EventLoop) -> Box<dyn Backend> {
+        let watched = events
+            .add(self.rx.notify.as_raw_fd(), TOKEN_RX, false)
+            .and_then(|()| events.add(self.tx.notify.as_raw_fd(), TOKEN_TX, false))
+            .and_then(|()| match &self.tx_limiter {
+                Some(l) => events.add(l.as_raw_fd(), TOKEN_TX_LIMIT, false),
+                None => Ok(()),
+            })
+            .and_then(|()| match &self.rx_limiter {
+                Some(l) => events.add(l.as_raw_fd(), TOKEN_RX_LIMIT, false),
+                None => Ok(()),
+            })
+            .and_then(|()| self.watch_backend(&events));
+        match watched {
+            Err(e) => self.interrupt.fail_device(&format!(
+                "virtio-net {}: watching the queues: {e}",
+                self.name
+            )),
+            Ok(()) => {
+                // Serve whatever the driver queued before we started.
+                let mut tokens = vec![TOKEN_TX, TOKEN_RX];
+                loop {
+                    if let Err(e) = self.serve(&events, &tokens) {
+                        self.interrupt.fail_device(&e.to_string());
+                        break;
+                    }
+                    match events.wait() {
+                        Wake::Stop => return self.io.backend,
+                        Wake::Ready(t) => tokens = t,
+                    }
+                }
+            }
+        }
+        // Broken: stop watching everything, but keep the backend until the transport
+        // stops us, so a reset can reuse it.
+        let _ = events.remove(self.rx.notify.as_raw_fd());
+        let _ = events.remove(self.tx.notify.as_raw_fd());
+        if self.watching.is_some() {
+            let _ = events.remove(self.io.backend.as_raw_fd());
+        }
+        while !matches!(events.wait(), Wake::Stop) {}
+        self.io.backend
+    }
+
+    fn serve(&mut self, events: &EventLoop, tokens: &[u64]) -> Result<(), QueueBroken> {
+        let mut tx = false;
+        let mut rx = false;
+        for &t in tokens {
+            match t {
+                TOKEN_TX => {
+                    let _ = self.tx.notify.read();
+                    tx = true;
+                }
+                TOKEN_RX => {
+                    let _ = self.rx.notify.read();
+                    // New buffers, perhaps: look again.
+                    self.rx_paused = false;
+                    rx = true;
+                }
+                TOKEN_BACKEND => {
+                    tx |= self.tx_blocked;
+                    rx |= !self.rx_paused;
+                }
+                TOKEN_TX_LIMIT => {
+                    if let Some(l) = &mut self.tx_limiter {
+                        l.timer_fired();
+                    }
+                    tx = true;
+                }
+                TOKEN_RX_LIMIT => {
+                    if let Some(l) = &mut self.rx_limiter {
+                        l.timer_fired();
+                    }
+                    self.rx_throttled = false;
+                    rx = true;
+                }
+                _ => {}
+            }
+        }
+        if tx {
+            self.transmit()?;
+        }
+        if rx && !self.rx_paused && !self.rx_throttled {
+            self.receive()?;
+        }
+        if self.io.gone && self.link_up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                "virtio-net {}: {} went away; the guest's link is down",
+                self.name,
+                self.io.backend.describe()
+            );
+            self.interrupt.signal_config();
+        }
+        if let Err(e) = self.watch_backend(events) {
+            tracing::error!("virtio-net {}: watching the backend: {e}", self.name);
+        }
+        Ok(())
+    }
+
+    /// Registers the backend for what the device is waiting for, and nothing else.
+    fn watch_backend(&mut self, events: &EventLoop) -> io::Result<()> {
+        let want = (
+            !self.rx_paused && !self.rx_throttled && !self.io.gone,
+            self.tx_blocked && !self.io.gone,
+        );
+        let fd = self.io.backend.as_raw_fd();
+        match (self.watching, want) {
+            (current, want) if current == Some(want) => return Ok(()),
+            (None, (false, false)) => return Ok(()),
+            (Some(_), (false, false)) => {
+                events.remove(fd)?;
+                self.watching = None;
+                return Ok(());
+            }
+            (None, _) => {
+                events.add(fd, TOKEN_BACKEND, false)?;
+                self.watching = Some((true, false));
+            }
+            _ => {}
+        }
+        if self.watching != Some(want) {
+            events.modify_events(fd, TOKEN_BACKEND, want.0, want.1)?;
+            self.watching = Some(want);
+        }
+        Ok(())
+    }
+
+    /// Sends what the driver queued, until the queue is empty, the backend is full or a
+    /// batch is done (then the thread kicks itself to continue after its other events).
+    fn transmit(&mut self) -> Result<(), QueueBroken> {
+        self.tx_blocked = false;
+        let q = &mut self.tx.queue;
+        let mem = &self.io.memory.clone();
+        let mut used = false;
+        let mut served = 0;
+        'serve: loop {
+            q.disable_notification(mem)
+                .map_err(|_| QueueBroken::UsedRing)?;
+            while let Some(Popped { head, chain }) = chain::pop(q, mem)? {
+                if let Some(l) = &mut self.tx_limiter {
+                    let bytes = chain
+                        .as_ref()
+                        .map_or(0, |c| c.readable_len().saturating_sub(VNET_HDR_LEN as u64));
+                    if !l.consume(bytes) {
+                        // Notifications stay off: the limiter's timer wakes us.
+                        chain::unpop(q);
+                        break 'serve;
+                    }
+                }
+                if let Sent::WouldBlock = self.io.send(chain) {
+                    chain::unpop(q);
+                    self.tx_blocked = true;
+                    break 'serve;
+                }
+                chain::complete(q, mem, head, 0)?;
+                used = true;
+                served += 1;
+                if served == BATCH {
+                    let _ = self.tx.notify.write(1);
+                    break 'serve;
+                }
+            }
+            if !q
+                .enable_notification(mem)
+                .map_err(|_| QueueBroken::UsedRing)?
+            {
+                break;
+            }
+        }
+        self.signal(TX, used)
+    }
+
+    /// Fills posted buffers from the backend until it has nothing more, the driver has
+    /// posted nothing more (then the receive queue's notifications are re-armed and the
+    /// backend left alone), or a batch is done (the backend, still readable, wakes us).
+    fn receive(&mut self) -> Result<(), QueueBroken> {
+        let q = &mut self.rx.queue;
+        let mem = &self.io.memory.clone();
+        let mut used = false;
+        let mut served = 0;
+        q.disable_notification(mem)
+            .map_err(|_| QueueBroken::UsedRing)?;
+        while served < BATCH {
+            // A packet's size is known only once read: wait for an operation's worth of
+            // tokens (and no byte debt) here, charge its bytes afterwards.
+            if let Some(l) = &mut self.rx_limiter {
+                if !l.consume(0) {
+                    self.rx_throttled = true;
+                    break;
+                }
+            }
+            let Some(Popped { head, chain }) = chain::pop(q, mem)? else {
+                if q.enable_notification(mem)
+                    .map_err(|_| QueueBroken::UsedRing)?
+                {
+                    continue; // the driver posted more meanwhile
+                }
+                self.rx_paused = true;
+                break;
+            };
+            let len = match self.io.recv(chain) {
+                Received::Nothing => {
+                    chain::unpop(q);
+                    break;
+                }
+                Received::Dropped => 0,
+                Received::Packet(len) => {
+                    if let Some(l) = &mut self.rx_limiter {
+                        l.charge(u64::from(len).saturating_sub(VNET_HDR_LEN as u64));
+                    }
+                    len
+                }
+            };
+            chain::complete(q, mem, head, len)?;
+            used = true;
+            served += 1;
+        }
+        self.signal(RX, used)
+    }
+
+    fn signal(&mut self, index: usize, used: bool) -> Result<(), QueueBroken> {
+        let q: &mut Queue = if index == RX {
+            &mut self.rx.queue
+        } else {
+            &mut self.tx.queue
+        };
+        if used
+            && q.needs_notification(&self.io.memory)
+                .map_err(|_| QueueBroken::UsedRing)?
+        {
+            self.interrupt.signal_queue(index);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::tests::{desc, memory, F_NEXT, F_WRITE};
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vmon_devices::pci::msix::{MsiMessage, MsiVectors, Msix};
+
+    #[test]
+    fn config_space_is_the_mac_then_the_link_status() {
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let (dev_end, _peer) = UnixDatagram::pair().unwrap();
+        let net = Net::new(Box::new(Pair::new(dev_end)), mac, "net0".into());
+        let mut c = [0xAAu8; 12];
+        net.read_config(0, &mut c);
+        assert_eq!(c, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 1, 0, 0, 0, 0, 0]);
+        let mut s = [0u8; 2];
+        net.read_config(6, &mut s);
+        assert_eq!(u16::from_le_bytes(s), S_LINK_UP);
+        net.link_up.store(false, Ordering::Release);
+        net.read_config(6, &mut s);
+        assert_eq!(s, [0, 0]);
+        assert_eq!(net.device_type(), 1);
+        assert_eq!(net.pci_class(), 0x02_0000);
+        assert_eq!(net.queue_max_sizes().len(), 2);
+    }
+
+    #[test]
+    fn offered_features() {
+        let f = Net::new(
+            Box::new(Pair::new(UnixDatagram::pair().unwrap().0)),
+            MacAddr::random(),
+            "n".into(),
+        )
+        .features();
+        for bit in [0, 1, 5, 7, 8, 9, 11, 12, 13, 16, 28, 29, 32] {
+            assert!(f & (1 << bit) != 0, "feature bit {bit} should be offered");
+        }
+        // No MRG_RXBUF, UFO, control queue or multiqueue.
+        for bit in [10, 14, 15, 17, 22] {
+            assert!(
+                f & (1 << bit) == 0,
+                "feature bit {bit} should not be offered"
+            );
+        }
+    }
+
+    #[test]
+    fn only_offloads_the_guest_can_receive_reach_the_tap() {
+        use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
+        assert_eq!(offload_flags(0), 0);
+        // Host-side offloads say nothing about what the guest can receive.
+        assert_eq!(offload_flags(F_CSUM | F_HOST_TSO4 | F_HOST_TSO6), 0);
+        // GSO without GUEST_CSUM is meaningless (and TUNSETOFFLOAD refuses it).
+        assert_eq!(offload_flags(F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN), 0);
+        assert_eq!(offload_flags(F_GUEST_CSUM), TUN_F_CSUM);
+        assert_eq!(
+            offload_flags(F_GUEST_CSUM | F_GUEST_TSO4),
+            TUN_F_CSUM | TUN_F_TSO4
+        );
+        assert_eq!(
+            offload_flags(FEATURES),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        );
+        // ECN only qualifies TSO.
+        assert_eq!(offload_flags(F_GUEST_CSUM | F_GUEST_ECN), TUN_F_CSUM);
+        assert_eq!(
+            offload_flags(F_GUEST_CSUM | F_GUEST_UFO),
+            TUN_F_CSUM | TUN_F_UFO
+        );
+    }
+
+    #[test]
+    fn mac_addresses() {
+        let m: MacAddr = "02:AB:cd:00:00:01".parse().unwrap();
+        assert_eq!(m.0, [2, 0xab, 0xcd, 0, 0, 1]);
+        assert_eq!(m.to_string(), "02:ab:cd:00:00:01");
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "02-00-00-00-00-01",
+            "2:0:0:0:0:1",
+            "02:00:00:00:00:0g",
+            "02:00:00:00:00:+1",
+        ] {
+            assert!(
+                bad.parse::<MacAddr>().unwrap_err().contains("six hex"),
+                "{bad}"
+            );
+        }
+        let e = "01:00:5e:00:00:01".parse::<MacAddr>().unwrap_err();
+        assert!(e.contains("multicast"), "{e}");
+        assert!("ff:ff:ff:ff:ff:ff".parse::<MacAddr>().is_err());
+        assert!("00:00:00:00:00:00"
+            .parse::<MacAddr>()
+            .unwrap_err()
+            .contains("all-zero"));
+        for _ in 0..32 {
+            let r = MacAddr::random();
+            assert_eq!(r.0[0], 0x02, "locally administered unicast: {r}");
+            assert_eq!(r.to_string().parse::<MacAddr>().unwrap(), r);
+        }
+        assert_ne!(MacAddr::random(), MacAddr::random());
+    }
+
+    /// One end of a datagram socket pair standing in for a tap: message boundaries are
+    /// kept, and a read too small for a packet returns what fitted (as recent kernels'
+    /// taps do).
+    struct Pair {
+        sock: UnixDatagram,
+        offload: Arc<AtomicU32>,
+    }
+
+    impl Pair {
+        fn new(sock: UnixDatagram) -> Self {
+            sock.set_nonblocking(true).unwrap();
+            Pair {
+                sock,
+                offload: Arc::new(AtomicU32::new(u32::MAX)),
+            }
+        }
+    }
+
+    impl AsRawFd for Pair {
+        fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+            self.sock.as_raw_fd()
+        }
+    }
+
+    impl Backend for Pair {
+        unsafe fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+            // SAFETY: msghdr is plain data; all-zeroes is valid.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_ptr().cast_mut();
+            msg.msg_iovlen = iov.len();
+            // SAFETY: the caller guarantees the iovecs are writable.
+            let n = unsafe { libc::recvmsg(self.sock.as_raw_fd(), &mut msg, 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(n as usize)
+        }
+
+        unsafe fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+            // SAFETY: the caller guarantees the iovecs are readable.
+            let n = unsafe { libc::writev(self.sock.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(n as usize)
+        }
+
+        fn set_offload(&self, flags: u32) -> io::Result<()> {
+            self.offload.store(flags, Ordering::Relaxed);
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "socket pair".into()
+        }
+    }
+
+    struct NoMsi;
+    impl MsiVectors for NoMsi {
+        fn route(&self, _: u16, _: MsiMessage) -> io::Result<()> {
+            Ok(())
+        }
+        fn trigger(&self, _: u16) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The driver's side of one queue in test memory.
+    struct DriverQueue {
+        desc: u64,
+        avail: u64,
+        used: u64,
+        size: u16,
+        next_desc: u16,
+        avail_idx: u16,
+    }
+
+    impl DriverQueue {
+        /// The rings of a `size`-entry queue from `base` on (laid out here: MockSplitQueue
+        /// makes the used ring overlap the available ring of a 256-entry queue).
+        fn new(base: u64, size: u16) -> (Self, Queue) {
+            let desc = base;
+            let avail = desc + 16 * u64::from(size);
+            let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4);
+            let mut q = Queue::new(size).unwrap();
+            q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
+            q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
+            q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+            q.set_ready(true);
+            let d = DriverQueue {
+                desc,
+                avail,
+                used,
+                size,
+                next_desc: 0,
+                avail_idx: 0,
+            };
+            (d, q)
+        }
+
+        /// Offers one chain of (address, length, device-writable) buffers.
+        fn offer(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) {
+            let head = self.next_desc;
+            for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+                let index = self.next_desc;
+                self.next_desc = (self.next_desc + 1) % self.size;
+                let mut flags = if writable { F_WRITE } else { 0 };
+                if i + 1 < bufs.len() {
+                    flags |= F_NEXT;
+                }
+                mem.write_obj(
+                    desc(addr, len, flags, self.next_desc),
+                    GuestAddress(self.desc + 16 * u64::from(index)),
+                )
+                .unwrap();
+            }
+            let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
+            mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+                .unwrap();
+        }
+
+        fn used_idx(&self, mem: &GuestMemory) -> u16 {
+            mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        }
+
+        /// (descriptor head, length) of used element `i`.
+        fn used(&self, mem: &GuestMemory, i: u16) -> (u32, u32) {
+            let at = self.used + 4 + 8 * u64::from(i % self.size);
+            (
+                mem.read_obj(GuestAddress(at)).unwrap(),
+                mem.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        }
+
+        /// Waits until the device has used `n` chains in all.
+        fn wait_used(&self, mem: &GuestMemory, n: u16) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.used_idx(mem) != n {
+                assert!(
+                    Instant::now() < deadline,
+                    "the device used {} chains, not {n}",
+                    self.used_idx(mem)
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    struct Harness {
+        mem: GuestMemory,
+        net: Net,
+        rx: DriverQueue,
+        tx: DriverQueue,
+        rx_kick: EventFd,
+        tx_kick: EventFd,
+        peer: UnixDatagram,
+        interrupt: Arc<Interrupt>,
+        offload: Arc<AtomicU32>,
+    }
+
+    const QSIZE: u16 = 256;
+
+    impl Harness {
+        fn start(features: u64) -> Harness {
+            let mem = memory();
+            let (rx, rxq) = DriverQueue::new(0, QSIZE);
+            let (tx, txq) = DriverQueue::new(0x8000, QSIZE);
+            let (dev_end, peer) = UnixDatagram::pair().unwrap();
+            peer.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let pair = Pair::new(dev_end);
+            let offload = pair.offload.clone();
+            let mut net = Net::new(
+                Box::new(pair),
+                "02:00:00:00:00:01".parse().unwrap(),
+                "test".into(),
+            );
+            let msix = Arc::new(Mutex::new(Msix::new(3, Box::new(NoMsi))));
+            let interrupt = Arc::new(Interrupt::new(msix, 2));
+            let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+            let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+            net.activate(Activation {
+                memory: mem.clone(),
+                features,
+                queues: vec![
+                    ActiveQueue {
+                        queue: rxq,
+                        notify: rx_kick.try_clone().unwrap(),
+                    },
+                    ActiveQueue {
+                        queue: txq,
+                        notify: tx_kick.try_clone().unwrap(),
+                    },
+                ],
+                interrupt: interrupt.clone(),
+            })
+            .unwrap();
+            Harness {
+                mem,
+                net,
+                rx,
+                tx,
+                rx_kick,
+                tx_kick,
+                peer,
+                interrupt,
+                offload,
+            }
+        }
+
+        fn stats(&self) -> NetStats {
+            self.net.counters().snapshot()
+        }
+
+        /// Waits until the counters satisfy `ok`.
+        fn wait_stats(&self, ok: impl Fn(&NetStats) -> bool) -> NetStats {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let s = self.stats();
+                if ok(&s) {
+                    return s;
+                }
+                assert!(Instant::now() < deadline, "counters: {s:?}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// A header (with `num_buffers` garbage, as the tap leaves it) and a frame.
+    fn packet(seq: u32, frame_len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; VNET_HDR_LEN];
+        p[0] = 2; // DATA_VALID
+        p[10] = 0xEE;
+        p[11] = 0xEE;
+        p.extend((0..frame_len).map(|i| (i as u32).wrapping_mul(31).wrapping_add(seq) as u8));
+        p
+    }
+
+    fn read_guest(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+        b
+    }
+
+    #[test]
+    fn transmit_writes_header_and_frame_as_one_packet() {
+        let mut h = Harness::start(FEATURES);
+        assert_eq!(
+            h.offload.load(Ordering::Relaxed),
+            offload_flags(FEATURES),
+            "offloads set from the negotiated features"
+        );
+        let p = packet(1, 1000);
+        // Header and the first bytes of the frame in one buffer, the rest in another.
+        h.mem
+            .write_slice(&p[..100], GuestAddress(0x2_0000))
+            .unwrap();
+        h.mem
+            .write_slice(&p[100..], GuestAddress(0x3_0000))
+            .unwrap();
+        h.tx.offer(&h.mem, &[(0x2_0000, 100, false), (0x3_0000, 912, false)]);
+        // A chain too short for a header fails on its own.
+        h.tx.offer(&h.mem, &[(0x2_0000, 11, false)]);
+        h.tx_kick.write(1).unwrap();
+        let mut got = vec![0u8; 4096];
+        let n = h.peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &p[..]);
+        h.tx.wait_used(&h.mem, 2);
+        assert_eq!(h.tx.used(&h.mem, 0), (0, 0));
+        assert_eq!(h.tx.used(&h.mem, 1), (2, 0));
+        let s = h.wait_stats(|s| s.tx_errors == 1);
+        assert_eq!((s.tx_packets, s.tx_bytes), (1, 1000));
+        assert!(h.interrupt.take_isr() & 1 != 0, "a queue interrupt");
+        h.net.reset();
+    }
+
+    #[test]
+    fn receive_fills_posted_buffers_and_waits_for_more() {
+        // No GUEST_CSUM: the header's flags must reach the driver as zero.
+        let mut h = Harness::start(COMMON_FEATURES | F_MAC);
+        assert_eq!(h.offload.load(Ordering::Relaxed), 0);
+        // Packets arrive before any buffer is posted: they wait in the backend.
+        for seq in 0..3 {
+            h.peer.send(&packet(seq, 60 + seq as usize)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(h.rx.used_idx(&h.mem), 0);
+        // Two buffers split across descriptors, then a notification.
+        for i in 0..2u64 {
+            let base = 0x2_0000 + i * 0x1000;
+            h.rx.offer(&h.mem, &[(base, 20, true), (base + 0x800, 1500, true)]);
+        }
+        h.rx_kick.write(1).unwrap();
+        h.rx.wait_used(&h.mem, 2);
+        for seq in 0..2u16 {
+            let (head, len) = h.rx.used(&h.mem, seq);
+            assert_eq!((head, len), (u32::from(seq) * 2, 72 + u32::from(seq)));
+            let base = 0x2_0000 + u64::from(seq) * 0x1000;
+            let mut got = read_guest(&h.mem, base, 20);
+            got.extend(read_guest(&h.mem, base + 0x800, len as usize - 20));
+            let mut want = packet(u32::from(seq), 60 + usize::from(seq));
+            want[0] = 0;
+            want[10..12].copy_from_slice(&1u16.to_le_bytes());
+            assert_eq!(got, want);
+        }
+        // The third packet waits for a third buffer, which a notification announces.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(h.rx.used_idx(&h.mem), 2);
+        h.rx.offer(&h.mem, &[(0x4_0000, 2048, true)]);
+        h.rx_kick.write(1).unwrap();
+        h.rx.wait_used(&h.mem, 3);
+        assert_eq!(h.rx.used(&h.mem, 2).1, 74);
+        assert_eq!(read_guest(&h.mem, 0x4_000C, 62), packet(2, 62)[12..]);
+        let s = h.stats();
+        assert_eq!(
+            (s.rx_packets, s.rx_bytes, s.rx_dropped),
+            (3, 60 + 61 + 62, 0)
+        );
+        h.net.reset();
+    }
+
+    #[test]
+    fn receive_drops_packets_larger_than_the_buffer() {
+        let mut h = Harness::start(FEATURES);
+        h.rx.offer(&h.mem, &[(0x2_0000, 100, true)]);
+        h.rx.offer(&h.mem, &[(0x3_0000, 8, true)]); // shorter than a header
+        h.rx.offer(&h.mem, &[(0x4_0000, 62, true)]); // exactly the next packet
+        h.rx_kick.write(1).unwrap();
+        h.peer.send(&packet(0, 200)).unwrap();
+        h.peer.send(&packet(1, 50)).unwrap();
+        h.rx.wait_used(&h.mem, 3);
+        assert_eq!(h.rx.used(&h.mem, 0), (0, 0), "too big: dropped");
+        assert_eq!(h.rx.used(&h.mem, 1), (1, 0), "malformed: returned empty");
+        assert_eq!(
+            h.rx.used(&h.mem, 2),
+            (2, 62),
+            "a packet filling the chain fits"
+        );
+        let mut want = packet(1, 50);
+        want[10..12].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(
+            read_guest(&h.mem, 0x4_0000, 62),
+            want,
+            "GUEST_CSUM: flags kept"
+        );
+        let s = h.stats();
+        assert_eq!((s.rx_packets, s.rx_dropped, s.rx_errors), (1, 1, 1));
+        h.net.reset();
+    }
+
+    #[test]
+    fn transmit_waits_while_the_backend_is_full() {
+        let mut h = Harness::start(FEATURES);
+        let frame = 1500;
+        let n = QSIZE;
+        for i in 0..n {
+            let at = 0x1_0000 + u64::from(i) * 0x800;
+            h.mem
+                .write_slice(&packet(u32::from(i), frame), GuestAddress(at))
+                .unwrap();
+            h.tx.offer(&h.mem, &[(at, (VNET_HDR_LEN + frame) as u32, false)]);
+        }
+        h.tx_kick.write(1).unwrap();
+        // 256 packets of 1.5 KB are more than a socket buffer holds: the device must stop
+        // at EAGAIN and resume when the peer reads, losing and reordering nothing.
+        let s = h.wait_stats(|s| s.tx_packets > 0);
+        assert!(
+            s.tx_packets < u64::from(n),
+            "the backend never filled up: {s:?}"
+        );
+        let mut buf = vec![0u8; 4096];
+        for i in 0..n {
+            let len = h.peer.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..len], &packet(u32::from(i), frame)[..], "packet {i}");
+        }
+        h.tx.wait_used(&h.mem, n);
+        let s = h.stats();
+        assert_eq!(
+            (s.tx_packets, s.tx_dropped, s.tx_errors),
+            (u64::from(n), 0, 0)
+        );
+        h.net.reset();
+    }
+
+    #[test]
+    fn reset_returns_the_backend_for_the_next_activation() {
+        let mut h = Harness::start(FEATURES);
+        h.net.reset();
+        assert!(h.net.backend.is_some());
+        h.net.reset(); // nothing running: nothing to do
+        assert!(h.net.backend.is_some());
+    }
+
+    #[test]
+    fn a_broken_queue_fails_the_device() {
+        let h = Harness::start(FEATURES);
+        // An available index that jumps past the queue size.
+        h.mem
+            .write_obj(QSIZE + 5, GuestAddress(h.tx.avail + 2))
+            .unwrap();
+        h.tx_kick.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !h.interrupt.needs_reset() {
+            assert!(Instant::now() < deadline, "DEVICE_NEEDS_RESET not set");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut net = h.net;
+        net.reset();
+        assert!(net.backend.is_some(), "the backend survives a broken queue");
+    }
+}

@@ -1,0 +1,385 @@
+//! virtio-vsock (device 19) with a Unix-socket host side, as Firecracker does it: the
+//! future guest-agent channel.
+//!
+//! - The guest connects to host port P: vmon connects to the Unix socket `PATH_P`; if
+//!   nothing listens there the guest gets an RST (connection refused).
+//! - A host program connects to the Unix socket `PATH` and writes `CONNECT P\n`: vmon
+//!   opens a stream to guest port P from a fresh host port and, when the guest accepts,
+//!   answers `OK <host port>\n`; from then on the socket carries the stream. If the guest
+//!   refuses (or does not answer in time) the socket is closed.
+//!
+//! Queues: rx (0, packets for the guest), tx (1, packets from the guest) and event (2,
+//! kept for VIRTIO_VSOCK_EVENT_TRANSPORT_RESET after a snapshot restore; nothing is sent
+//! on it yet). Only stream sockets are offered (no VIRTIO_VSOCK_F_SEQPACKET).
+//!
+//! Everything runs on the device's thread: the queue eventfds, the listening socket and
+//! every connection's socket (all nonblocking) share its event loop. [`packet`] holds the
+//! header format, [`connection`] one stream's state and credit accounting, [`muxer`] the
+//! set of connections and the order of packets to the guest.
+
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::timerfd::TimerFd;
+use vmon_memory::GuestMemory;
+
+use crate::chain::{self, QueueBroken};
+use crate::worker::{EventLoop, Wake, Worker};
+use crate::{device_id, ActivateError, Activation, ActiveQueue, VirtioDevice, COMMON_FEATURES};
+use muxer::Muxer;
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVENT: usize = 2;
+const RX_TOKEN: u64 = 0;
+const TX_TOKEN: u64 = 1;
+const LISTENER_TOKEN: u64 = 3;
+const TIMER_TOKEN: u64 = 4;
+/// How often timeouts are checked while any are pending.
+const TICK: Duration = Duration::from_millis(500);
+/// The longest `sun_path` (108 bytes with its terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+/// The largest guest CID: 2^32 - 1 is VMADDR_CID_ANY.
+pub const MAX_CID: u64 = u32::MAX as u64 - 1;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockOptions {
+    /// The guest's context ID (3 and up; 0-2 are reserved).
+    pub cid: u64,
+    /// The Unix socket host programs connect to; guest connections to port P go to
+    /// `PATH_P`.
+    pub socket: PathBuf,
+}
+
+impl VsockOptions {
+    pub fn validate(&self) -> Result<(), VsockError> {
+        if !(3..=MAX_CID).contains(&self.cid) {
+            return Err(VsockError::BadCid(self.cid));
+        }
+        let len = self.socket.as_os_str().len();
+        if len == 0 {
+            return Err(VsockError::EmptyPath);
+        }
+        if len > MAX_SOCKET_PATH || self.socket.as_os_str().as_bytes().contains(&0) {
+            return Err(VsockError::PathTooLong {
+                path: self.socket.clone(),
+                len,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("cid={0}: a guest CID is between 3 and 4294967294 (0-2 are reserved)")]
+    BadCid(u64),
+    #[error("socket= needs a path")]
+    EmptyPath,
+    #[error("socket={}: {len} bytes is longer than a Unix socket path can be ({MAX_SOCKET_PATH})", path.display())]
+    PathTooLong { path: PathBuf, len: usize },
+    #[error("socket={}: another process is listening there", path.display())]
+    InUse { path: PathBuf },
+    #[error("socket={}: exists and is not a socket", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("socket={}: {source}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The listening socket, bound when the VM is built (so a bad path fails before KVM is
+/// opened) and kept across device resets.
+pub struct VsockBackend {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file we created, to remove it only if it is ours.
+    inode: Option<(u64, u64)>,
+}
+
+impl VsockBackend {
+    /// Binds `PATH`, replacing a stale socket file left by a process that is gone.
+    pub fn bind(opts: &VsockOptions) -> Result<VsockBackend, VsockError> {
+        opts.validate()?;
+        let path = &opts.socket;
+        let bind_err = |source| VsockError::Bind {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
+                Ok(_) => return Err(VsockError::InUse { path: path.clone() }),
+                Err(_) => match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(bind_err(e)),
+                },
+            },
+            Ok(_) => return Err(VsockError::NotASocket { path: path.clone() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let inode = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        Ok(VsockBackend {
+            listener,
+            path: path.clone(),
+            inode,
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for VsockBackend {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.inode {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub struct Vsock {
+    cid: u64,
+    backend: Option<VsockBackend>,
+    worker: Option<Worker<VsockBackend>>,
+}
+
+impl Vsock {
+    pub fn new(cid: u64, backend: VsockBackend) -> Self {
+        Vsock {
+            cid,
+            backend: Some(backend),
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u16 {
+        device_id::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        if a.queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                got: a.queues.len(),
+                want: 3,
+            });
+        }
+        let backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
+        let cid = self.cid;
+        tracing::debug!(cid, features = a.features, "virtio-vsock: activated");
+        let worker = Worker::spawn("virtio-vsock".into(), move |mut events| {
+            let mut mux = Muxer::new(backend, cid);
+            if let Err(e) = serve(&mut mux, a, &mut events) {
+                tracing::warn!("virtio-vsock stopped: {e}");
+            }
+            // Keep the listening socket until the transport stops us, so a reset can
+            // reuse it; connections end now.
+            let backend = mux.into_backend();
+            while !matches!(events.wait(), Wake::Stop) {}
+            backend
+        })
+        .map_err(ActivateError::Thread)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.backend = w.stop();
+            if self.backend.is_none() {
+                tracing::error!("virtio-vsock thread died; the device is gone");
+            }
+        }
+    }
+}
+
+/// A timer that ticks while something waits for a timeout.
+struct Ticker {
+    timer: TimerFd,
+    armed: bool,
+}
+
+impl Ticker {
+    fn new() -> io::Result<Self> {
+        let timer = TimerFd::new()?;
+        // SAFETY: fcntl on a descriptor we own; no memory is involved.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Ticker {
+            timer,
+            armed: false,
+        })
+    }
+
+    fn set(&mut self, on: bool) {
+        if on == self.armed {
+            return;
+        }
+        let r = if on {
+            self.timer.reset(TICK, Some(TICK))
+        } else {
+            self.timer.clear()
+        };
+        match r {
+            Ok(()) => self.armed = on,
+            Err(e) => tracing::warn!("virtio-vsock timer: {e}"),
+        }
+    }
+
+    fn drain(&mut self) {
+        let mut b = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into `b`; the timer is nonblocking.
+        let _ = unsafe { libc::read(self.timer.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// The device thread's loop: until the transport stops it, or a queue breaks (then the
+/// driver is told the device needs a reset).
+fn serve(mux: &mut Muxer, mut a: Activation, events: &mut EventLoop) -> io::Result<()> {
+    let _event_queue: ActiveQueue = a.queues.remove(EVENT);
+    let mut tx = a.queues.remove(TX);
+    let mut rx = a.queues.remove(RX);
+    let mut ticker = Ticker::new()?;
+    let watched = events
+        .add(rx.notify.as_raw_fd(), RX_TOKEN, false)
+        .and_then(|()| events.add(tx.notify.as_raw_fd(), TX_TOKEN, false))
+        .and_then(|()| mux.listen(events, LISTENER_TOKEN))
+        .and_then(|()| events.add(ticker.timer.as_raw_fd(), TIMER_TOKEN, false));
+    if let Err(e) = watched {
+        a.interrupt
+            .fail_device(&format!("watching the queues: {e}"));
+        return Err(e);
+    }
+    let mem = &a.memory;
+    let mut tokens = vec![TX_TOKEN];
+    loop {
+        let mut tx_kicked = false;
+        for &t in &tokens {
+            match t {
+                RX_TOKEN => {
+                    let _ = rx.notify.read();
+                }
+                TX_TOKEN => {
+                    let _ = tx.notify.read();
+                    tx_kicked = true;
+                }
+                LISTENER_TOKEN => mux.accept(events),
+                TIMER_TOKEN => {
+                    ticker.drain();
+                    mux.tick(events, Instant::now());
+                }
+                t => mux.on_event(events, t),
+            }
+        }
+        let served = (|| -> Result<(), QueueBroken> {
+            if tx_kicked
+                && chain::serve_all(&mut tx.queue, mem, |p| {
+                    match p.chain {
+                        Ok(c) => mux.handle_tx(events, mem, &c),
+                        Err(e) => tracing::debug!("virtio-vsock: bad tx chain: {e}"),
+                    }
+                    0
+                })?
+            {
+                a.interrupt.signal_queue(TX);
+            }
+            if fill_rx(&mut rx.queue, mem, mux, events)? {
+                a.interrupt.signal_queue(RX);
+            }
+            Ok(())
+        })();
+        if let Err(e) = served {
+            a.interrupt.fail_device(&e.to_string());
+            return Ok(());
+        }
+        ticker.set(mux.has_deadlines());
+        match events.wait() {
+            Wake::Stop => return Ok(()),
+            Wake::Ready(t) => tokens = t,
+        }
+    }
+}
+
+/// Gives the guest what is waiting for it, as long as it has rx buffers. Says whether the
+/// driver wants an interrupt.
+fn fill_rx(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    mux: &mut Muxer,
+    events: &EventLoop,
+) -> Result<bool, QueueBroken> {
+    let mut used = false;
+    while mux.has_rx_work() {
+        let Some(p) = chain::pop(queue, mem)? else {
+            // Out of buffers: ask to be notified of new ones, unless some came meanwhile.
+            if queue
+                .enable_notification(mem)
+                .map_err(|_| QueueBroken::UsedRing)?
+            {
+                continue;
+            }
+            break;
+        };
+        let written = match p.chain {
+            Ok(c) => mux.fill_rx(events, mem, &c),
+            Err(e) => {
+                tracing::debug!("virtio-vsock: bad rx chain: {e}");
+                Some(0)
+            }
+        };
+        match written {
+            Some(len) => {
+                chain::complete(queue, mem, p.head, len)?;
+                used = true;
+            }
+            None => {
+                chain::unpop(queue);
+                break;
+            }
+        }
+    }
+    Ok(used
+        && queue
+            .needs_notification(mem)
+            .map_err(|_| QueueBroken::UsedRing)?)
+}
+
+#[cfg(test)]
+mod tests;

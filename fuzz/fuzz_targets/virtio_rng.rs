@@ -1,0 +1,5 @@
+#![no_main]
+//! See vmon_virtio::fuzzing::virtio_rng: the bytes become guest memory and queue state (or a
+//! packet), fed to the code the device thread runs.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vmon_virtio::fuzzing::virtio_rng(data));
