@@ -4,6 +4,7 @@
 //!
 //! Each subcommand is a function taking its arguments; add new ones to [`COMMANDS`].
 
+mod bench;
 mod vsock;
 
 use std::process::ExitCode;
@@ -28,6 +29,36 @@ const COMMANDS: &[Command] = &[
         "CID PORT",
         "connect to CID:PORT; copy stdin to it (half-closing at EOF) and it to stdout",
         vsock::connect_cmd,
+    ),
+    (
+        "seq-read",
+        "PATH MIB",
+        "read MIB MiB in 1 MiB requests (O_DIRECT on block devices); print MB/s",
+        bench::seq_read_cmd,
+    ),
+    (
+        "seq-write",
+        "PATH MIB",
+        "write MIB MiB in 1 MiB requests, then fdatasync; print MB/s",
+        bench::seq_write_cmd,
+    ),
+    (
+        "rand-read",
+        "PATH SECONDS",
+        "4 KiB reads at random offsets, one at a time, for SECONDS; print IOPS",
+        bench::rand_read_cmd,
+    ),
+    (
+        "tcp-send",
+        "HOST:PORT MIB",
+        "send MIB MiB over TCP, wait for the receiver's count; print MB/s",
+        bench::tcp_send_cmd,
+    ),
+    (
+        "tcp-recv",
+        "PORT",
+        "accept one TCP connection, count bytes to EOF, answer the count; print MB/s",
+        bench::tcp_recv_cmd,
     ),
 ];
 
