@@ -8,36 +8,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{linux_tier, run_vmon, Output, Scratch};
+use common::{linux_tier, pattern, run_guest, Output, Scratch};
+
+fn guest(args: &[&str]) -> Output {
+    run_guest(args, BOOT_TIMEOUT)
+}
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
 const MIB: usize = 1 << 20;
-
-fn guest(args: &[&str]) -> Output {
-    let out = run_vmon(args, BOOT_TIMEOUT);
-    eprintln!(
-        "vmon {args:?} -> {} in {:.2?}\nstdout:\n{}\nstderr:\n{}",
-        out.code(),
-        out.elapsed,
-        out.stdout,
-        out.stderr
-    );
-    out
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so a failure can be reproduced.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();

@@ -7,30 +7,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{linux_tier, run_vmon, Output};
+use common::{field, linux_tier, run_guest, run_vmon};
+
+fn guest(args: &[&str]) -> common::Output {
+    run_guest(args, BOOT_TIMEOUT)
+}
 
 /// A stock-kernel boot in the lab (nested AMD-V under TCG) takes 8-25 s; leave headroom.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn guest(args: &[&str]) -> Output {
-    let out = run_vmon(args, BOOT_TIMEOUT);
-    eprintln!(
-        "vmon {args:?} -> {} in {:.2?}\nstdout:\n{}\nstderr:\n{}",
-        out.code(),
-        out.elapsed,
-        out.stdout,
-        out.stderr
-    );
-    out
-}
-
-/// The lines of a guest report `key=value`, as a lookup.
-fn field<'a>(out: &'a Output, key: &str) -> &'a str {
-    out.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= in guest output:\n{}", out.stdout))
-}
 
 const REPORT: &str = "echo cpus=$(nproc); \
      echo memtotal_kib=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo); \
@@ -60,20 +44,20 @@ fn one_vcpu_256m() {
         "run", "--cpus", "1", "--memory", "256M", "--", "sh", "-c", REPORT,
     ]);
     assert_eq!(out.code(), 0);
-    assert_eq!(field(&out, "cpus"), "1");
-    let kib: u64 = field(&out, "memtotal_kib").parse().unwrap();
+    assert_eq!(field(&out.stdout, "cpus"), "1");
+    let kib: u64 = field(&out.stdout, "memtotal_kib").parse().unwrap();
     // MemTotal is RAM minus what the kernel reserves for itself (its image, page tables).
     assert!(
         (180 * 1024..256 * 1024).contains(&kib),
         "MemTotal {kib} KiB for 256 MiB"
     );
     assert_eq!(
-        field(&out, "virt_flags"),
+        field(&out.stdout, "virt_flags"),
         "0",
         "VMX/SVM must be hidden by default"
     );
-    assert_eq!(field(&out, "year"), host_year());
-    assert_eq!(field(&out, "e820_ram"), "2");
+    assert_eq!(field(&out.stdout, "year"), host_year());
+    assert_eq!(field(&out.stdout, "e820_ram"), "2");
 }
 
 #[test]
@@ -86,15 +70,15 @@ fn four_vcpus_4608m_split_around_the_hole_and_exit_status_7() {
         "run", "--cpus", "4", "--memory", "4608M", "--", "sh", "-c", &script,
     ]);
     assert_eq!(out.code(), 7);
-    assert_eq!(field(&out, "cpus"), "4");
-    let kib: u64 = field(&out, "memtotal_kib").parse().unwrap();
+    assert_eq!(field(&out.stdout, "cpus"), "4");
+    let kib: u64 = field(&out.stdout, "memtotal_kib").parse().unwrap();
     assert!(
         (4200 * 1024..4608 * 1024).contains(&kib),
         "MemTotal {kib} KiB for 4608 MiB"
     );
     // Low RAM, and RAM above 4 GiB: the guest sees both sides of the MMIO hole.
-    assert_eq!(field(&out, "e820_ram"), "3");
-    assert_eq!(field(&out, "virt_flags"), "0");
+    assert_eq!(field(&out.stdout, "e820_ram"), "3");
+    assert_eq!(field(&out.stdout, "virt_flags"), "0");
 }
 
 #[test]
@@ -150,7 +134,7 @@ fn bzimage_boots_through_the_64bit_protocol() {
         "echo cpus=$(nproc); echo boot=$(dmesg | grep -c 'Booting paravirtualized kernel')",
     ]);
     assert_eq!(out.code(), 0);
-    assert_eq!(field(&out, "cpus"), "2");
+    assert_eq!(field(&out.stdout, "cpus"), "2");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{linux_tier, wait_with_timeout, VMON};
+use common::{field, linux_tier, pattern, wait_with_timeout, VMON};
 
 /// Boot (8-25 s in the lab) and about 35 s of transfers under nested TCG; less than the
 /// 180 s scripts/test.sh gives a lab session, so a hang fails here with vmon's output.
@@ -127,20 +127,6 @@ fn can_make_namespaces(test: &str) -> bool {
     false
 }
 
-/// Deterministic pseudo-random bytes (xorshift).
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Accepts one connection, giving up once `done` is set (vmon has exited).
 fn accept(listener: &TcpListener, done: &AtomicBool) -> Option<TcpStream> {
     listener.set_nonblocking(true).unwrap();
@@ -206,13 +192,6 @@ fn connect_to_guest(done: &AtomicBool) -> Result<(), String> {
         }
     }
     Err(format!("never connected to the guest: {last}"))
-}
-
-fn field<'a>(stdout: &'a str, key: &str) -> &'a str {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= in guest output:\n{stdout}"))
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::guest_tools::guest_args;
-use common::{linux_tier, run_vmon, spawn_vmon};
+use common::{field, linux_tier, run_vmon, spawn_vmon};
 
 /// A boot in the lab takes 8-25 s; leave room for the transfers under emulation, inside
 /// the 180 s scripts/test.sh gives each lab session.
@@ -81,13 +81,6 @@ impl Drop for SocketDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn field<'a>(stdout: &'a str, key: &str) -> &'a str {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= in guest output:\n{stdout}"))
 }
 
 #[test]

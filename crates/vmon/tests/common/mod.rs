@@ -249,3 +249,39 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Runs vmon with a deadline and logs the whole run (arguments, status, time, both
+/// streams) to the test's stderr, which the harness shows when the test fails.
+pub fn run_guest(args: &[&str], timeout: Duration) -> Output {
+    let out = run_vmon(args, timeout);
+    eprintln!(
+        "vmon {args:?} -> {} in {:.2?}\nstdout:\n{}\nstderr:\n{}",
+        out.code(),
+        out.elapsed,
+        out.stdout,
+        out.stderr
+    );
+    out
+}
+
+/// The value of a `key=value` line a guest printed.
+pub fn field<'a>(stdout: &'a str, key: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in guest output:\n{stdout}"))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a failure can be reproduced.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
