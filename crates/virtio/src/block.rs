@@ -283,8 +283,9 @@ impl VirtioDevice for Block {
                         Ok(s) if s.notify => a.interrupt.signal_queue(0),
                         Ok(_) => {}
                         Err(e) => {
+                            // NEEDS_RESET: serve nothing more until the driver resets us.
                             a.interrupt.fail_device(&e.to_string());
-                            let _ = events.remove(notify);
+                            break;
                         }
                     }
                     match events.wait() {
@@ -294,7 +295,7 @@ impl VirtioDevice for Block {
                 }
             }
             // Keep the disk until the transport stops us, so a reset can reuse it.
-            while !matches!(events.wait(), Wake::Stop) {}
+            events.idle_until_stop();
             disk
         })
         .map_err(ActivateError::Thread);
@@ -513,6 +514,10 @@ fn transfer(
     Ok(())
 }
 
+/// Largest piece of a bounced O_DIRECT transfer: the host buffer stays small however large
+/// the guest's request (a chain may describe up to 4 GiB).
+const BOUNCE_CHUNK: u64 = 1 << 20;
+
 /// An O_DIRECT transfer through an aligned buffer, for guest buffers the host's direct
 /// I/O alignment rules refuse.
 fn bounce_read(
@@ -522,10 +527,19 @@ fn bounce_read(
     offset: u64,
     len: u64,
 ) -> Result<(), u8> {
-    let mut buf = AlignedBuf::new(len as usize);
-    let iov = vec![buf.iovec()];
-    transfer(&disk.file, iov, offset, Direction::Read).map_err(|_| S_IOERR)?;
-    chain.write_at(mem, 0, buf.as_slice()).map_err(|_| S_IOERR)
+    let mut buf = AlignedBuf::new(len.min(BOUNCE_CHUNK) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(BOUNCE_CHUNK) as usize;
+        let mut v = buf.iovec();
+        v.iov_len = n;
+        transfer(&disk.file, vec![v], offset + done, Direction::Read).map_err(|_| S_IOERR)?;
+        chain
+            .write_at(mem, done, &buf.as_slice()[..n])
+            .map_err(|_| S_IOERR)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 fn bounce_write(
@@ -535,12 +549,19 @@ fn bounce_write(
     offset: u64,
     len: u64,
 ) -> Result<(), u8> {
-    let mut buf = AlignedBuf::new(len as usize);
-    chain
-        .read_at(mem, HEADER_LEN, buf.as_mut_slice())
-        .map_err(|_| S_IOERR)?;
-    let iov = vec![buf.iovec()];
-    transfer(&disk.file, iov, offset, Direction::Write).map_err(|_| S_IOERR)
+    let mut buf = AlignedBuf::new(len.min(BOUNCE_CHUNK) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(BOUNCE_CHUNK) as usize;
+        chain
+            .read_at(mem, HEADER_LEN + done, &mut buf.as_mut_slice()[..n])
+            .map_err(|_| S_IOERR)?;
+        let mut v = buf.iovec();
+        v.iov_len = n;
+        transfer(&disk.file, vec![v], offset + done, Direction::Write).map_err(|_| S_IOERR)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A page-aligned heap buffer.

@@ -18,6 +18,9 @@ pub struct Interrupt {
     queue_vectors: Vec<AtomicU16>,
     config_vector: AtomicU16,
     needs_reset: AtomicBool,
+    /// The common configuration's config_generation: bumped with every configuration-change
+    /// interrupt, so a driver reading a multi-byte field across a change reads it again.
+    generation: AtomicU8,
 }
 
 impl Interrupt {
@@ -28,6 +31,7 @@ impl Interrupt {
             queue_vectors: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             config_vector: AtomicU16::new(NO_VECTOR),
             needs_reset: AtomicBool::new(false),
+            generation: AtomicU8::new(0),
         }
     }
 
@@ -41,6 +45,7 @@ impl Interrupt {
 
     /// The device configuration (or status) changed.
     pub fn signal_config(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.isr.fetch_or(ISR_CONFIG, Ordering::AcqRel);
         self.raise(self.config_vector.load(Ordering::Acquire));
     }
@@ -62,6 +67,10 @@ impl Interrupt {
         if vector != NO_VECTOR {
             lock(&self.msix).notify(vector);
         }
+    }
+
+    pub(crate) fn config_generation(&self) -> u8 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub(crate) fn take_isr(&self) -> u8 {

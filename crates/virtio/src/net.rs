@@ -643,12 +643,7 @@ impl Runner {
         }
         // Broken: stop watching everything, but keep the backend until the transport
         // stops us, so a reset can reuse it.
-        let _ = events.remove(self.rx.notify.as_raw_fd());
-        let _ = events.remove(self.tx.notify.as_raw_fd());
-        if self.watching.is_some() {
-            let _ = events.remove(self.io.backend.as_raw_fd());
-        }
-        while !matches!(events.wait(), Wake::Stop) {}
+        events.idle_until_stop();
         self.io.backend
     }
 

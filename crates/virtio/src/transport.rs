@@ -12,6 +12,10 @@
 //!        0x5000  MSI-X pending-bit array
 //! ```
 //!
+//! Interrupts are MSI-X only: the function has no INTx pin (the root bridge has no `_PRT`
+//! to route one). A driver that leaves MSI-X disabled gets the ISR bits but no interrupt,
+//! which every virtio 1.x driver we know handles by enabling MSI-X or polling.
+//!
 //! The transport owns queue configuration until the driver sets DRIVER_OK; then it
 //! checks every enabled queue against guest memory and hands them to the device, which
 //! serves them on its own thread. A reset (status 0) stops that thread and returns the
@@ -114,7 +118,6 @@ pub struct VirtioPci {
     queue_select: u16,
     queues: Vec<QueueConfig>,
     notify: Vec<EventFd>,
-    config_generation: u8,
     warned_bar_moved: bool,
 }
 
@@ -191,7 +194,6 @@ impl VirtioPci {
             queue_select: 0,
             queues,
             notify,
-            config_generation: 0,
             warned_bar_moved: false,
         })
     }
@@ -254,7 +256,7 @@ impl VirtioPci {
             0x10 => (u64::from(self.interrupt.config_vector()), 2),
             0x12 => (self.queues.len() as u64, 2),
             0x14 => (u64::from(self.device_status()), 1),
-            0x15 => (u64::from(self.config_generation), 1),
+            0x15 => (u64::from(self.interrupt.config_generation()), 1),
             0x16 => (u64::from(self.queue_select), 2),
             0x18 => (q.map_or(0, |q| u64::from(q.size)), 2),
             0x1A => (

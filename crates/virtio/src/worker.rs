@@ -129,6 +129,26 @@ impl EventLoop {
             .ctl(ControlOperation::Delete, fd, EpollEvent::default())
     }
 
+    /// For a device that cannot go on (a broken queue): forgets every descriptor but the
+    /// stop eventfd and sleeps until the transport stops the thread. A fresh epoll rather
+    /// than removing registrations one by one, so nothing the device forgot to remove
+    /// (a fired timerfd, a readable eventfd or socket) can keep waking it.
+    pub fn idle_until_stop(&mut self) {
+        let fresh = Epoll::new().and_then(|epoll| {
+            epoll.ctl(
+                ControlOperation::Add,
+                self._stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP),
+            )?;
+            Ok(epoll)
+        });
+        match fresh {
+            Ok(epoll) => self.epoll = epoll,
+            Err(e) => tracing::error!("device event loop: cannot go idle: {e}"),
+        }
+        while !matches!(self.wait(), Wake::Stop) {}
+    }
+
     /// Blocks until something is ready. The stop request wins over everything else.
     pub fn wait(&mut self) -> Wake {
         loop {
@@ -161,6 +181,37 @@ fn set(writable: bool) -> EventSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn thread_cpu_time() -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    #[test]
+    fn idling_ignores_descriptors_left_readable() {
+        let noisy = EventFd::new(EFD_NONBLOCK).unwrap();
+        let noisy2 = noisy.try_clone().unwrap();
+        noisy.write(1).unwrap();
+        let w = Worker::spawn("idle".into(), move |mut events| {
+            events.add(noisy2.as_raw_fd(), 1, false).unwrap();
+            let before = thread_cpu_time();
+            events.idle_until_stop();
+            thread_cpu_time() - before
+        })
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let spent = w.stop().unwrap();
+        // A thread woken by the readable eventfd in a loop would burn the whole 200 ms.
+        assert!(
+            spent < std::time::Duration::from_millis(50),
+            "idle thread used {spent:?}"
+        );
+    }
 
     #[test]
     fn worker_sees_its_events_and_returns_its_backend_on_stop() {

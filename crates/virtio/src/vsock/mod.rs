@@ -211,7 +211,7 @@ impl VirtioDevice for Vsock {
             // Keep the listening socket until the transport stops us, so a reset can
             // reuse it; connections end now.
             let backend = mux.into_backend();
-            while !matches!(events.wait(), Wake::Stop) {}
+            events.idle_until_stop();
             backend
         })
         .map_err(ActivateError::Thread)?;

@@ -235,6 +235,11 @@ impl Muxer {
         let Some(c) = self.conns.remove(&id) else {
             return;
         };
+        if c.in_ready {
+            // Otherwise a guest that posts no rx buffers grows `ready` with every
+            // connection it opens and closes.
+            self.ready.retain(|&r| r != id);
+        }
         self.by_key.remove(&c.key);
         if c.watched.is_some() {
             let _ = ev.remove(c.fd());
@@ -351,6 +356,10 @@ impl Muxer {
             return;
         };
         let _ = ev.remove(client.stream.as_raw_fd());
+        if self.conns.len() >= MAX_CONNECTIONS {
+            tracing::debug!("virtio-vsock: connection limit reached; host client closed");
+            return;
+        }
         let Some(guest_port) = port else {
             tracing::debug!(
                 line = %String::from_utf8_lossy(&client.line).escape_debug(),
