@@ -23,6 +23,7 @@ const READ_MIB: usize = 768;
 const WRITE_MIB: usize = 256;
 const RAND_SECONDS: &str = "4";
 const NET_MIB: usize = 512;
+const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn base64(text: &str) -> String {
     let out = Command::new("base64")
@@ -53,22 +54,68 @@ fn figures(output: &str, into: &mut BTreeMap<String, Vec<f64>>) {
     }
 }
 
+/// Runs `cmd` to completion, or kills it after `RUN_TIMEOUT` (a hung guest must not hang
+/// the benchmark); logs what it printed to stderr as it goes.
 fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.stderr(Stdio::piped()).output().expect(what);
-    if !out.status.success() {
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(what);
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if started.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let out = out_reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    let figures: Vec<&str> = out
+        .lines()
+        .filter(|l| l.split_whitespace().count() >= 3)
+        .collect();
+    eprintln!(
+        "linux_io: {what}: {} in {:.1?}: {}",
+        match status {
+            Some(st) if st.success() => "ok".to_string(),
+            Some(st) => format!("exit {st}"),
+            None => "TIMED OUT".to_string(),
+        },
+        started.elapsed(),
+        figures.join(" | ")
+    );
+    if !status.is_some_and(|s| s.success()) {
         eprintln!(
-            "{what} exited {:?}\nstdout:\n{}\nstderr (tail):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
+            "stdout:\n{out}\nstderr (tail):\n{}",
+            err.lines()
                 .rev()
-                .take(20)
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
                 .collect::<Vec<_>>()
                 .join("\n")
         );
     }
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out
 }
 
 fn sh(script: &str) -> bool {
@@ -104,13 +151,15 @@ fn main() {
     )));
     let image_s = image.display().to_string();
 
-    // Network: a namespace with one tap per VMM, addressed on the host side; each guest
-    // uses the same address on its own tap (only one runs at a time).
+    // Network: a namespace with one tap per VMM, each its own subnet (with one subnet the
+    // host's replies would all leave through the first tap): vmon 10.0.9.0/24 on tapv,
+    // QEMU 10.0.10.0/24 on tapq; the host end is .1, the guest .2.
     let ns = format!("vmonbench{}", std::process::id());
     let net = sh(&format!(
         "ip netns add {ns} && ip -n {ns} link set lo up && \
-         for t in tapv tapq; do ip -n {ns} tuntap add $t mode tap && \
-         ip -n {ns} addr add 10.0.9.1/24 dev $t && ip -n {ns} link set $t up; done"
+         for t in tapv:9 tapq:10; do ip -n {ns} tuntap add ${{t%:*}} mode tap && \
+         ip -n {ns} addr add 10.0.${{t#*:}}.1/24 dev ${{t%:*}} && \
+         ip -n {ns} link set ${{t%:*}} up; done"
     ));
     if !net {
         eprintln!(
@@ -118,7 +167,7 @@ fn main() {
         );
     }
 
-    let guest_cmd = |with_net: bool| {
+    let guest_cmd = |with_net: bool, subnet: u8| {
         let mut c = format!(
             "vmon-guest seq-read /dev/vda {READ_MIB}; \
              vmon-guest rand-read /dev/vda {RAND_SECONDS}; \
@@ -126,16 +175,16 @@ fn main() {
         );
         if with_net {
             c.push_str(&format!(
-                "; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && \
-                 vmon-guest tcp-send 10.0.9.1:5201 {NET_MIB}"
+                "; ip link set eth0 up && ip addr add 10.0.{subnet}.2/24 dev eth0 && \
+                 vmon-guest tcp-send 10.0.{subnet}.1:5201 {NET_MIB}"
             ));
         }
         c
     };
-    let cmdline = |with_net: bool| {
+    let cmdline = |with_net: bool, subnet: u8| {
         format!(
             "console=ttyS1 reboot=k,panic_warm panic=-1 i8042.noaux quiet vmon.cmd={} vmon.tty=0",
-            base64(&guest_cmd(with_net))
+            base64(&guest_cmd(with_net, subnet))
         )
     };
     let in_ns = |cmd: &str| -> Command {
@@ -172,7 +221,7 @@ fn main() {
         vec![("vmon", BTreeMap::new()), ("qemu q35", BTreeMap::new())];
     for _ in 0..rounds {
         for (name, into) in results.iter_mut() {
-            let append = cmdline(net);
+            let append = cmdline(net, if *name == "vmon" { 9 } else { 10 });
             let mut cmd = if *name == "vmon" {
                 let mut c = in_ns(VMON);
                 c.args(["run", "--kernel"])
