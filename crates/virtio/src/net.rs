@@ -974,6 +974,7 @@ mod tests {
     }
 
     impl Backend for Pair {
+        // SAFETY: an unsafe fn: callers guarantee the iovecs' memory (Backend's contract).
         unsafe fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
             // SAFETY: msghdr is plain data; all-zeroes is valid.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -987,6 +988,7 @@ mod tests {
             Ok(n as usize)
         }
 
+        // SAFETY: an unsafe fn: callers guarantee the iovecs' memory (Backend's contract).
         unsafe fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
             // SAFETY: the caller guarantees the iovecs are readable.
             let n = unsafe { libc::writev(self.sock.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };

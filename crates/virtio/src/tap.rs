@@ -230,6 +230,7 @@ fn retry(mut f: impl FnMut() -> isize) -> io::Result<usize> {
 }
 
 impl Backend for Tap {
+    // SAFETY: an unsafe fn: callers guarantee the iovecs' memory (Backend's contract).
     unsafe fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: the caller guarantees every iovec is valid for writes; the count fits an
         // int (callers pass at most IOV_MAX entries). A tap read returns one packet; for one
@@ -237,6 +238,7 @@ impl Backend for Tap {
         retry(|| unsafe { libc::readv(self.fd(), iov.as_ptr(), iov.len() as libc::c_int) })
     }
 
+    // SAFETY: an unsafe fn: callers guarantee the iovecs' memory (Backend's contract).
     unsafe fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: the caller guarantees every iovec is valid for reads. A tap write takes
         // exactly one packet.
