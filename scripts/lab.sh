@@ -34,6 +34,7 @@ stderr, and exits with its status (125 if the lab failed to report one).
   --cpus N          lab vCPUs (default 2)
   --memory MIB      lab memory in MiB (default 6144)
   --timeout SECS    kill the lab after SECS seconds (default 1800)
+  --kernel-args A   extra lab kernel command-line arguments (default: $VMON_LAB_KERNEL_ARGS)
   --env NAME[=VAL]  pass NAME (from this environment, or set to VAL); repeatable.
                     PATH, HOME, VMON_IN_LAB=1, TMPDIR=/tmp, every VMON_* and
                     LANG LC_ALL RUST_BACKTRACE RUST_LOG XDG_CACHE_HOME are
@@ -135,10 +136,11 @@ lab_cleanup() {
 
 lab_main() {
 	local cpus=2 memory=6144 timeout=1800 verbose=0 build_only=0 force=0 cache=''
+	local kernel_args=${VMON_LAB_KERNEL_ARGS-}
 	local -a envs=()
 	while [[ $# -gt 0 ]]; do
 		case $1 in
-		--cpus | --memory | --timeout | --env | --cache)
+		--cpus | --memory | --timeout | --env | --cache | --kernel-args)
 			[[ $# -ge 2 ]] || kit_die "$1 needs a value"
 			case $1 in
 			--cpus) cpus=$2 ;;
@@ -146,6 +148,7 @@ lab_main() {
 			--timeout) timeout=$2 ;;
 			--env) envs+=("$2") ;;
 			--cache) cache=$2 ;;
+			--kernel-args) kernel_args=$2 ;;
 			esac
 			shift 2
 			;;
@@ -233,7 +236,7 @@ lab_main() {
 		-smp "$cpus" -m "$memory" -nodefaults -no-user-config -display none \
 		-no-reboot -serial "file:$dir/console.log" \
 		-kernel "$lab/vmlinuz" -initrd "$lab/lab-initramfs.cpio.gz" \
-		-append "console=ttyS0 quiet panic=-1 vmonlab.dir=$dir" \
+		-append "console=ttyS0 quiet panic=-1 $kernel_args vmonlab.dir=$dir" \
 		-virtfs "local,path=/,mount_tag=hostroot,security_model=$model,readonly=on,multidevs=remap" \
 		-virtfs "local,path=/tmp,mount_tag=hosttmp,security_model=$model,multidevs=remap" \
 		</dev/null >"$dir/qemu.log" 2>&1 &

@@ -1,0 +1,1 @@
+//! vmon's management API (work in progress).
