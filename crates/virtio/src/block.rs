@@ -13,10 +13,12 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vmon_memory::GuestMemory;
 
 use crate::chain::{self, Chain, Popped};
+use crate::metrics::{CounterSet, DeviceMetrics};
 use crate::rate_limiter::{Limits, RateLimiter};
 use crate::worker::{Wake, Worker};
 use crate::{device_id, ActivateError, Activation, VirtioDevice, COMMON_FEATURES};
@@ -82,9 +84,38 @@ pub enum DiskError {
     SerialTooLong(String),
 }
 
+/// Indices into [`BLOCK_COUNTERS`].
+mod counter {
+    pub const READS: usize = 0;
+    pub const READ_BYTES: usize = 1;
+    pub const WRITES: usize = 2;
+    pub const WRITE_BYTES: usize = 3;
+    pub const FLUSHES: usize = 4;
+    pub const DISCARDS: usize = 5;
+    pub const OTHER_REQUESTS: usize = 6;
+    pub const ERRORS: usize = 7;
+    pub const BAD_CHAINS: usize = 8;
+    pub const THROTTLED: usize = 9;
+}
+/// Requests by kind, payload bytes, requests answered with an error status, malformed
+/// chains, and times the rate limiter held the queue back.
+static BLOCK_COUNTERS: [&str; 10] = [
+    "read_requests",
+    "read_bytes",
+    "write_requests",
+    "write_bytes",
+    "flush_requests",
+    "discard_requests",
+    "other_requests",
+    "errors",
+    "bad_chains",
+    "throttled",
+];
+
 /// An open image and what the guest may do with it.
 pub struct Disk {
     file: File,
+    counters: Arc<CounterSet>,
     limits: Limits,
     sectors: u64,
     readonly: bool,
@@ -146,6 +177,7 @@ impl Disk {
         }
         Ok(Disk {
             file,
+            counters: CounterSet::new(&BLOCK_COUNTERS),
             limits: opts.limits,
             sectors: bytes / SECTOR_SIZE,
             readonly: opts.readonly,
@@ -176,6 +208,7 @@ fn size_of_file(file: &File, path: &Path) -> io::Result<u64> {
 
 pub struct Block {
     disk: Option<Disk>,
+    counters: Arc<CounterSet>,
     config: [u8; 60],
     features: u64,
     worker: Option<Worker<Disk>>,
@@ -202,6 +235,7 @@ impl Block {
         c[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
         c[56] = 1; // write_zeroes_may_unmap
         Block {
+            counters: disk.counters.clone(),
             disk: Some(disk),
             config: c,
             features,
@@ -274,6 +308,7 @@ impl VirtioDevice for Block {
                     let served = chain::serve_some(&mut q.queue, &a.memory, |p| {
                         if let Some(l) = &mut limiter {
                             if !l.consume(request_bytes(&p)) {
+                                disk.counters.add(counter::THROTTLED, 1);
                                 return None;
                             }
                         }
@@ -306,6 +341,10 @@ impl VirtioDevice for Block {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn metrics(&self) -> Arc<dyn DeviceMetrics> {
+        self.counters.clone()
     }
 
     fn reset(&mut self) {
@@ -342,15 +381,20 @@ fn handle(disk: &mut Disk, mem: &GuestMemory, p: Popped) -> u32 {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!("virtio-blk: bad descriptor chain: {e}");
+            disk.counters.add(counter::BAD_CHAINS, 1);
             return 0;
         }
     };
     // The status byte is the last writable byte; without one we cannot even say no.
     let Some(status_at) = chain.writable_len().checked_sub(1) else {
         tracing::debug!("virtio-blk: request without a status byte");
+        disk.counters.add(counter::BAD_CHAINS, 1);
         return 0;
     };
     let (status, data_written) = execute(disk, mem, &chain, status_at);
+    if status != S_OK {
+        disk.counters.add(counter::ERRORS, 1);
+    }
     if chain.write_at(mem, status_at, &[status]).is_err() {
         return 0;
     }
@@ -399,8 +443,23 @@ fn execute(disk: &mut Disk, mem: &GuestMemory, chain: &Chain, status_at: u64) ->
         T_DISCARD | T_WRITE_ZEROES => discard(disk, mem, chain, kind, out_len).map(|_| 0),
         _ => Err(S_UNSUPP),
     };
+    let c = &disk.counters;
+    match kind {
+        T_IN => c.add(counter::READS, 1),
+        T_OUT => c.add(counter::WRITES, 1),
+        T_FLUSH => c.add(counter::FLUSHES, 1),
+        T_DISCARD | T_WRITE_ZEROES => c.add(counter::DISCARDS, 1),
+        _ => c.add(counter::OTHER_REQUESTS, 1),
+    }
     match result {
-        Ok(n) => (S_OK, n),
+        Ok(n) => {
+            match kind {
+                T_IN => c.add(counter::READ_BYTES, u64::from(n)),
+                T_OUT => c.add(counter::WRITE_BYTES, out_len),
+                _ => {}
+            }
+            (S_OK, n)
+        }
         Err(status) => (status, 0),
     }
 }

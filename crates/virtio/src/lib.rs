@@ -21,6 +21,7 @@ pub mod chain;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod interrupt;
+pub mod metrics;
 pub mod net;
 pub mod rate_limiter;
 pub mod rng;
@@ -99,6 +100,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving the queues and drops in-flight state (the driver reset the device).
     fn reset(&mut self);
+    /// The device's counters, shared with the management API; they outlive resets.
+    fn metrics(&self) -> Arc<dyn metrics::DeviceMetrics>;
 }
 
 /// Copies `src` (a device's configuration structure) into `data` at `offset`; bytes past

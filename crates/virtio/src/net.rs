@@ -43,6 +43,8 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::metrics::DeviceMetrics;
+
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{Queue, QueueT};
 use vmon_memory::GuestMemory;
@@ -280,6 +282,22 @@ impl NetCounters {
     }
 }
 
+impl DeviceMetrics for NetCounters {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let s = NetCounters::snapshot(self);
+        vec![
+            ("rx_packets", s.rx_packets),
+            ("rx_bytes", s.rx_bytes),
+            ("rx_dropped", s.rx_dropped),
+            ("rx_errors", s.rx_errors),
+            ("tx_packets", s.tx_packets),
+            ("tx_bytes", s.tx_bytes),
+            ("tx_dropped", s.tx_dropped),
+            ("tx_errors", s.tx_errors),
+        ]
+    }
+}
+
 fn bump(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
@@ -414,6 +432,10 @@ impl VirtioDevice for Net {
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    fn metrics(&self) -> Arc<dyn DeviceMetrics> {
+        self.counters.clone()
     }
 
     fn reset(&mut self) {

@@ -1,8 +1,10 @@
 //! virtio-rng: fills the driver's buffers with bytes from the host's `getrandom(2)`.
 
 use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
 
 use crate::chain::{self, QueueBroken};
+use crate::metrics::{CounterSet, DeviceMetrics};
 use crate::worker::{EventLoop, Wake, Worker};
 use crate::{device_id, ActivateError, Activation, VirtioDevice, COMMON_FEATURES};
 
@@ -11,9 +13,21 @@ const QUEUE_SIZE: u16 = 256;
 /// not an unbounded loop in the device thread.
 const MAX_REQUEST: usize = 64 * 1024;
 
-#[derive(Default)]
+/// Requests served, random bytes handed out, malformed chains.
+static RNG_COUNTERS: [&str; 3] = ["requests", "bytes", "bad_chains"];
+
 pub struct Rng {
     worker: Option<Worker<()>>,
+    counters: Arc<CounterSet>,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Rng {
+            worker: None,
+            counters: CounterSet::new(&RNG_COUNTERS),
+        }
+    }
 }
 
 impl Rng {
@@ -47,6 +61,7 @@ impl VirtioDevice for Rng {
             });
         }
         let mut q = a.queues.remove(0);
+        let counters = self.counters.clone();
         let worker = Worker::spawn("virtio-rng".into(), move |mut events: EventLoop| {
             if let Err(e) = events.add(q.notify.as_raw_fd(), 0, false) {
                 a.interrupt.fail_device(&format!("watching the queue: {e}"));
@@ -54,7 +69,7 @@ impl VirtioDevice for Rng {
             }
             loop {
                 let _ = q.notify.read();
-                match serve(&mut q.queue, &a.memory) {
+                match serve_counted(&mut q.queue, &a.memory, &counters) {
                     Ok(true) => a.interrupt.signal_queue(0),
                     Ok(false) => {}
                     Err(e) => {
@@ -72,6 +87,10 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
+    fn metrics(&self) -> Arc<dyn DeviceMetrics> {
+        self.counters.clone()
+    }
+
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
             w.stop();
@@ -86,14 +105,27 @@ pub fn serve(
     queue: &mut virtio_queue::Queue,
     mem: &vmon_memory::GuestMemory,
 ) -> Result<bool, QueueBroken> {
+    serve_counted(queue, mem, &CounterSet::new(&RNG_COUNTERS))
+}
+
+fn serve_counted(
+    queue: &mut virtio_queue::Queue,
+    mem: &vmon_memory::GuestMemory,
+    counters: &CounterSet,
+) -> Result<bool, QueueBroken> {
     let mut buf = vec![0u8; MAX_REQUEST];
     chain::serve_all(queue, mem, |p| match p.chain {
         Ok(c) => {
             let n = (c.writable_len() as usize).min(MAX_REQUEST);
             fill_random(&mut buf[..n]);
-            c.write_at(mem, 0, &buf[..n]).map_or(0, |_| n as u32)
+            counters.add(0, 1);
+            c.write_at(mem, 0, &buf[..n]).map_or(0, |_| {
+                counters.add(1, n as u64);
+                n as u32
+            })
         }
         Err(e) => {
+            counters.add(2, 1);
             tracing::debug!("virtio-rng: bad request: {e}");
             0
         }

@@ -653,6 +653,9 @@ mod tests {
             }
         }
         fn reset(&mut self) {}
+        fn metrics(&self) -> std::sync::Arc<dyn crate::metrics::DeviceMetrics> {
+            crate::metrics::CounterSet::new(&[])
+        }
     }
 
     fn function() -> VirtioPci {

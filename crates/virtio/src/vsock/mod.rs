@@ -27,6 +27,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
@@ -34,6 +35,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use vmon_memory::GuestMemory;
 
 use crate::chain::{self, QueueBroken};
+use crate::metrics::{CounterSet, DeviceMetrics};
 use crate::worker::{EventLoop, Wake, Worker};
 use crate::{device_id, ActivateError, Activation, ActiveQueue, VirtioDevice, COMMON_FEATURES};
 use muxer::Muxer;
@@ -160,8 +162,27 @@ impl Drop for VsockBackend {
     }
 }
 
+/// Indices into [`VSOCK_COUNTERS`].
+mod counter {
+    pub const TX_PACKETS: usize = 0;
+    pub const TX_BYTES: usize = 1;
+    pub const RX_PACKETS: usize = 2;
+    pub const RX_BYTES: usize = 3;
+    pub const BAD_CHAINS: usize = 4;
+}
+/// Packets from the guest (tx) and to it (rx), whole packets including the 44-byte
+/// header, and chains too malformed to carry a packet.
+static VSOCK_COUNTERS: [&str; 5] = [
+    "tx_packets",
+    "tx_bytes",
+    "rx_packets",
+    "rx_bytes",
+    "bad_chains",
+];
+
 pub struct Vsock {
     cid: u64,
+    counters: Arc<CounterSet>,
     backend: Option<VsockBackend>,
     worker: Option<Worker<VsockBackend>>,
 }
@@ -170,6 +191,7 @@ impl Vsock {
     pub fn new(cid: u64, backend: VsockBackend) -> Self {
         Vsock {
             cid,
+            counters: CounterSet::new(&VSOCK_COUNTERS),
             backend: Some(backend),
             worker: None,
         }
@@ -202,10 +224,11 @@ impl VirtioDevice for Vsock {
         }
         let backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
         let cid = self.cid;
+        let counters = self.counters.clone();
         tracing::debug!(cid, features = a.features, "virtio-vsock: activated");
         let worker = Worker::spawn("virtio-vsock".into(), move |mut events| {
             let mut mux = Muxer::new(backend, cid);
-            if let Err(e) = serve(&mut mux, a, &mut events) {
+            if let Err(e) = serve(&mut mux, a, &mut events, &counters) {
                 tracing::warn!("virtio-vsock stopped: {e}");
             }
             // Keep the listening socket until the transport stops us, so a reset can
@@ -217,6 +240,10 @@ impl VirtioDevice for Vsock {
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    fn metrics(&self) -> Arc<dyn DeviceMetrics> {
+        self.counters.clone()
     }
 
     fn reset(&mut self) {
@@ -272,7 +299,12 @@ impl Ticker {
 
 /// The device thread's loop: until the transport stops it, or a queue breaks (then the
 /// driver is told the device needs a reset).
-fn serve(mux: &mut Muxer, mut a: Activation, events: &mut EventLoop) -> io::Result<()> {
+fn serve(
+    mux: &mut Muxer,
+    mut a: Activation,
+    events: &mut EventLoop,
+    counters: &CounterSet,
+) -> io::Result<()> {
     let _event_queue: ActiveQueue = a.queues.remove(EVENT);
     let mut tx = a.queues.remove(TX);
     let mut rx = a.queues.remove(RX);
@@ -312,15 +344,22 @@ fn serve(mux: &mut Muxer, mut a: Activation, events: &mut EventLoop) -> io::Resu
             if tx_kicked
                 && chain::serve_all(&mut tx.queue, mem, |p| {
                     match p.chain {
-                        Ok(c) => mux.handle_tx(events, mem, &c),
-                        Err(e) => tracing::debug!("virtio-vsock: bad tx chain: {e}"),
+                        Ok(c) => {
+                            counters.add(counter::TX_PACKETS, 1);
+                            counters.add(counter::TX_BYTES, c.readable_len());
+                            mux.handle_tx(events, mem, &c)
+                        }
+                        Err(e) => {
+                            counters.add(counter::BAD_CHAINS, 1);
+                            tracing::debug!("virtio-vsock: bad tx chain: {e}")
+                        }
                     }
                     0
                 })?
             {
                 a.interrupt.signal_queue(TX);
             }
-            if fill_rx(&mut rx.queue, mem, mux, events)? {
+            if fill_rx(&mut rx.queue, mem, mux, events, counters)? {
                 a.interrupt.signal_queue(RX);
             }
             Ok(())
@@ -344,6 +383,7 @@ fn fill_rx(
     mem: &GuestMemory,
     mux: &mut Muxer,
     events: &EventLoop,
+    counters: &CounterSet,
 ) -> Result<bool, QueueBroken> {
     let mut used = false;
     while mux.has_rx_work() {
@@ -360,12 +400,17 @@ fn fill_rx(
         let written = match p.chain {
             Ok(c) => mux.fill_rx(events, mem, &c),
             Err(e) => {
+                counters.add(counter::BAD_CHAINS, 1);
                 tracing::debug!("virtio-vsock: bad rx chain: {e}");
                 Some(0)
             }
         };
         match written {
             Some(len) => {
+                if len > 0 {
+                    counters.add(counter::RX_PACKETS, 1);
+                    counters.add(counter::RX_BYTES, u64::from(len));
+                }
                 chain::complete(queue, mem, p.head, len)?;
                 used = true;
             }

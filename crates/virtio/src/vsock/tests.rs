@@ -4,6 +4,8 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+
+use crate::metrics::CounterSet;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -759,18 +761,46 @@ fn rx_queue_is_used_only_while_there_is_something_to_send() {
     vq.add_desc_chains(&[buf(0), buf(1)], 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
     let used = |vq: &MockSplitQueue<GuestMemory>| u16::from_le(vq.used().idx().load());
-    super::fill_rx(&mut q, &r.mem, &mut r.mux, &r.ev).unwrap();
+    super::fill_rx(
+        &mut q,
+        &r.mem,
+        &mut r.mux,
+        &r.ev,
+        &CounterSet::new(&super::VSOCK_COUNTERS),
+    )
+    .unwrap();
     assert_eq!(used(&vq), 2, "both buffers carry an RST");
     assert!(r.mux.has_rx_work(), "one RST still waits for a buffer");
     vq.add_desc_chains(&[buf(2), buf(3)], 2).unwrap();
-    super::fill_rx(&mut q, &r.mem, &mut r.mux, &r.ev).unwrap();
+    super::fill_rx(
+        &mut q,
+        &r.mem,
+        &mut r.mux,
+        &r.ev,
+        &CounterSet::new(&super::VSOCK_COUNTERS),
+    )
+    .unwrap();
     assert_eq!(used(&vq), 3, "the last RST; the other buffer stays with us");
     assert!(!r.mux.has_rx_work());
-    super::fill_rx(&mut q, &r.mem, &mut r.mux, &r.ev).unwrap();
+    super::fill_rx(
+        &mut q,
+        &r.mem,
+        &mut r.mux,
+        &r.ev,
+        &CounterSet::new(&super::VSOCK_COUNTERS),
+    )
+    .unwrap();
     assert_eq!(used(&vq), 3);
     // The buffer left over carries the next packet.
     r.send(guest(OP_RW, 5, 9, 65536, 0), b"?");
-    super::fill_rx(&mut q, &r.mem, &mut r.mux, &r.ev).unwrap();
+    super::fill_rx(
+        &mut q,
+        &r.mem,
+        &mut r.mux,
+        &r.ev,
+        &CounterSet::new(&super::VSOCK_COUNTERS),
+    )
+    .unwrap();
     assert_eq!(used(&vq), 4);
     let mut raw = [0u8; HEADER_LEN];
     r.mem
