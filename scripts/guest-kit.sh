@@ -18,7 +18,7 @@ KIT_FORMAT=2
 # crc32c_* are ext4/jbd2 soft dependencies ("crypto-crc32c").
 KIT_GUEST_MODULES=(
 	virtio_pci virtio_mmio virtio_blk virtio_net vsock vmw_vsock_virtio_transport
-	virtio_rng virtio_balloon crc32c_generic crc32c_intel ext4
+	virtio_rng virtio_balloon crc32c_generic crc32c_intel ext4 button evdev
 )
 KIT_LOG=guest-kit
 
@@ -93,6 +93,26 @@ if [ -r "/lib/modules/$kver/vmon.load" ]; then
 fi
 ip link set lo up >/dev/null 2>&1
 
+# Orderly shutdown: `vmon ctl shutdown` presses the ACPI power button; the button
+# driver reports it as a KEY_POWER input event and busybox acpid (which finds
+# the input devices when it starts, so after the modules) runs its built-in
+# action for it, /etc/acpi/PWRF/00000080: stop every process (TERM, then KILL),
+# sync, power off. The marker keeps `finish` from reporting a killed command's
+# status instead of powering off.
+mkdir -p /etc/acpi/PWRF /var/log
+cat >/etc/acpi/PWRF/00000080 <<'VMON_PWRF_EOF'
+#!/bin/sh
+: >/run/vmon-poweroff
+echo "vmon-init: power button pressed: powering off" >/dev/console
+kill -TERM -1 2>/dev/null
+sleep 1
+kill -KILL -1 2>/dev/null
+sync
+poweroff -f
+VMON_PWRF_EOF
+chmod 755 /etc/acpi/PWRF/00000080
+acpid >/dev/null 2>&1
+
 # root=/dev/...: like a distribution's initramfs, mount that filesystem (read-
 # only unless "rw" is on the command line) and continue with its /sbin/init,
 # which sees the same command line. Only from the initramfs: the same script
@@ -164,6 +184,10 @@ drain() {
 # vmon exit port); vmon ends the VM at once. If the write returns (no such
 # port), power off.
 finish() {
+	if [ -e /run/vmon-poweroff ]; then
+		sync
+		poweroff -f
+	fi
 	drain /dev/ttyS0
 	drain /dev/ttyS1
 	# shellcheck disable=SC2059

@@ -51,8 +51,8 @@ const HEADER_LEN: usize = 36;
 const FADT_LEN: usize = 276;
 const FADT_FLAG_WBINVD: u32 = 1;
 const FADT_FLAG_PROC_C1: u32 = 1 << 2;
-/// No fixed-feature power or sleep button.
-const FADT_FLAG_PWR_BUTTON: u32 = 1 << 4;
+/// No fixed-feature sleep button. (The power button flag, bit 4, stays clear: the PM1 block
+/// has a fixed-feature power button, which is how the host asks for an orderly shutdown.)
 const FADT_FLAG_SLP_BUTTON: u32 = 1 << 5;
 const PM1_EVENT_BLOCK_LEN: u8 = 4;
 const PM1_CONTROL_BLOCK_LEN: u8 = 2;
@@ -191,7 +191,7 @@ fn fadt(dsdt_addr: u64, pm: PmRegisters) -> Vec<u8> {
     body[at(108)] = RTC_CENTURY_REGISTER;
     let boot_arch = BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA;
     body[at(109)..at(111)].copy_from_slice(&boot_arch.to_le_bytes());
-    let flags = FADT_FLAG_WBINVD | FADT_FLAG_PROC_C1 | FADT_FLAG_PWR_BUTTON | FADT_FLAG_SLP_BUTTON;
+    let flags = FADT_FLAG_WBINVD | FADT_FLAG_PROC_C1 | FADT_FLAG_SLP_BUTTON;
     body[at(112)..at(116)].copy_from_slice(&flags.to_le_bytes());
     body[at(131)] = 0; // FADT minor version: 6.0
     body[at(140)..at(148)].copy_from_slice(&dsdt_addr.to_le_bytes());
