@@ -1,4 +1,7 @@
 //! Memory sizes as users write them: `512M`, `2G`, `1.5G`, `1024` (MiB), `4096MiB`.
+//!
+//! In configuration files a size is either such a string or a whole number of MiB, and is
+//! written back as a string in the largest exact unit (`"2G"`), which parses to the same size.
 
 use std::fmt;
 use std::str::FromStr;
@@ -47,6 +50,19 @@ impl MemSize {
             n if n >= GIB => format!("{:.1} GiB", b / GIB as f64),
             n if n >= MIB => format!("{:.1} MiB", b / MIB as f64),
             _ => self.to_string(),
+        }
+    }
+
+    /// The shortest form the parser reads back exactly: `"2G"`, `"4608M"`, `"1000B"`. Unlike
+    /// [`fmt::Display`] ("2 GiB") it is meant for files, not for people.
+    pub fn to_compact(self) -> String {
+        let b = self.0;
+        let unit = [(TIB, 'T'), (GIB, 'G'), (MIB, 'M'), (KIB, 'K')]
+            .into_iter()
+            .find(|&(size, _)| b != 0 && b.is_multiple_of(size));
+        match unit {
+            Some((size, letter)) => format!("{}{letter}", b / size),
+            None => format!("{b}B"),
         }
     }
 }
@@ -114,6 +130,47 @@ impl fmt::Display for MemSize {
     }
 }
 
+impl serde::Serialize for MemSize {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_compact())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MemSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+struct SizeVisitor;
+
+impl serde::de::Visitor<'_> for SizeVisitor {
+    type Value = MemSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a size like \"512M\" or \"2G\", or a whole number of MiB")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<MemSize, E> {
+        text.parse().map_err(E::custom)
+    }
+
+    // A bare number means MiB, as on the command line.
+    fn visit_u64<E: serde::de::Error>(self, mib: u64) -> Result<MemSize, E> {
+        mib.checked_mul(MIB)
+            .map(MemSize)
+            .ok_or_else(|| E::custom(SizeError::Overflow(format!("{mib} MiB"))))
+    }
+
+    // TOML integers are signed.
+    fn visit_i64<E: serde::de::Error>(self, mib: i64) -> Result<MemSize, E> {
+        match u64::try_from(mib) {
+            Ok(mib) => self.visit_u64(mib),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(mib), &self)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +216,41 @@ mod tests {
         assert_eq!(MemSize::from_bytes(1000).to_string(), "1000 bytes");
         assert_eq!(MemSize::from_bytes(24_684_084 * KIB).approx(), "23.5 GiB");
         assert_eq!(MemSize::from_bytes(0).approx(), "none");
+    }
+
+    #[test]
+    fn serde_reads_strings_and_mib_and_writes_what_it_reads() {
+        let read = |json: &str| serde_json::from_str::<MemSize>(json).map(MemSize::bytes);
+        assert_eq!(read(r#""512M""#).unwrap(), 512 * MIB);
+        assert_eq!(read(r#""1.5G""#).unwrap(), 3 * GIB / 2);
+        assert_eq!(read("1024").unwrap(), GIB);
+        let err = |json: &str| read(json).unwrap_err().to_string();
+        assert!(err("-1").contains("whole number of MiB"), "{}", err("-1"));
+        assert!(err("1.5").contains("whole number of MiB"), "{}", err("1.5"));
+        assert!(err("true").contains("whole number of MiB"));
+        assert!(err(r#""12Q""#).contains("unknown unit"));
+        assert!(err("18446744073709551615").contains("too large"));
+        for bytes in [
+            0,
+            1000,
+            KIB,
+            3 * MIB / 2,
+            4608 * MIB,
+            2 * GIB,
+            3 * TIB,
+            u64::MAX,
+        ] {
+            let size = MemSize::from_bytes(bytes);
+            let json = serde_json::to_string(&size).unwrap();
+            assert!(json.starts_with('"'), "{json}");
+            assert_eq!(
+                serde_json::from_str::<MemSize>(&json).unwrap(),
+                size,
+                "{json}"
+            );
+        }
+        assert_eq!(MemSize::from_mib(2048).to_compact(), "2G");
+        assert_eq!(MemSize::from_mib(4608).to_compact(), "4608M");
+        assert_eq!(MemSize::from_bytes(0).to_compact(), "0B");
     }
 }

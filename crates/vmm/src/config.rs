@@ -1,11 +1,14 @@
-//! What a VM is made of, independent of how the user said it (flags now, files later).
+//! What a VM is made of, independent of how the user said it. The flags' `key=value,...`
+//! syntax is parsed here into the same specs a configuration file holds
+//! ([`crate::config_file`]), so both obey one set of rules.
 
 use std::path::PathBuf;
 
+pub use crate::config_file::{CpuSpec, DiskSpec, NetSpec, VsockSpec};
 use vmon_memory::MemSize;
 pub use vmon_virtio::block::DiskOptions;
 pub use vmon_virtio::net::{MacAddr, NetOptions};
-use vmon_virtio::rate_limiter::{parse_rate, Limit, Limits};
+use vmon_virtio::rate_limiter::parse_rate;
 pub use vmon_virtio::vsock::VsockOptions;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +30,13 @@ pub struct VmConfig {
     pub nets: Vec<NetOptions>,
     /// A virtio-vsock device with its Unix-socket host side.
     pub vsock: Option<VsockOptions>,
+    /// Serve the management API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
+    /// Append the counters as JSON lines to this file every `metrics_interval`.
+    pub metrics_file: Option<PathBuf>,
+    pub metrics_interval: std::time::Duration,
+    /// The configuration as the user gave it, shown by the API's VM info.
+    pub spec: serde_json::Value,
 }
 
 impl VmConfig {
@@ -43,6 +53,10 @@ impl VmConfig {
             rng: false,
             nets: Vec::new(),
             vsock: None,
+            api_socket: None,
+            metrics_file: None,
+            metrics_interval: std::time::Duration::from_secs(10),
+            spec: serde_json::Value::Null,
         }
     }
 }
@@ -50,148 +64,140 @@ impl VmConfig {
 /// The rate-limit keys devices share: `bps=RATE[,bps_burst=BYTES][,iops=N][,iops_burst=N]`.
 pub const LIMIT_KEYS: &str = "bps=RATE, bps_burst=BYTES, iops=N, iops_burst=N";
 
-/// Collects rate-limit options while a device spec is parsed.
-#[derive(Default)]
-pub struct LimitSpec {
-    bps: Option<u64>,
-    bps_burst: Option<u64>,
-    iops: Option<u64>,
-    iops_burst: Option<u64>,
+/// Splits `key=value,...` and hands each pair to `take`, which says whether it knew the key.
+/// A first item without `=` is the value of `bare_key` (`--disk FILE`, `--net TAP`).
+fn for_each_option(
+    text: &str,
+    bare_key: Option<&str>,
+    device: &str,
+    known: &str,
+    mut take: impl FnMut(&str, &str) -> Result<bool, String>,
+) -> Result<(), String> {
+    for (i, item) in text.split(',').enumerate() {
+        let (key, value) = match (item.split_once('='), bare_key) {
+            (Some(pair), _) => pair,
+            (None, Some(bare)) if i == 0 && !item.is_empty() => (bare, item),
+            // No key matches "": reported as unknown below.
+            (None, _) => ("", item),
+        };
+        if !take(key, value)? {
+            return Err(format!("unknown {device} option '{item}' (known: {known})"));
+        }
+    }
+    Ok(())
 }
 
-impl LimitSpec {
-    /// Takes `key=value` if it is a rate-limit option; returns false for other keys.
-    pub fn take(&mut self, key: &str, value: &str) -> Result<bool, String> {
-        let slot = match key {
-            "bps" => &mut self.bps,
-            "bps_burst" => &mut self.bps_burst,
-            "iops" => &mut self.iops,
-            "iops_burst" => &mut self.iops_burst,
-            _ => return Ok(false),
-        };
-        *slot = Some(parse_rate(value).map_err(|e| format!("{key}: {e}"))?);
-        Ok(true)
-    }
-
-    pub fn finish(self) -> Result<Limits, String> {
-        let bucket = |rate: Option<u64>, burst: Option<u64>, name: &str| match (rate, burst) {
-            (Some(rate), burst) => Ok(Some(Limit {
-                rate,
-                burst: burst.unwrap_or(rate),
-            })),
-            (None, Some(_)) => Err(format!("{name}_burst needs {name}")),
-            (None, None) => Ok(None),
-        };
-        Ok(Limits {
-            bytes: bucket(self.bps, self.bps_burst, "bps")?,
-            ops: bucket(self.iops, self.iops_burst, "iops")?,
-        })
-    }
-}
-
-/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on]` plus [`LIMIT_KEYS`]; a bare
-/// `FILE` is allowed.
-pub fn parse_disk(spec: &str) -> Result<DiskOptions, String> {
-    let mut disk = DiskOptions {
-        path: PathBuf::new(),
-        readonly: false,
-        serial: None,
-        direct: false,
-        limits: Limits::default(),
+/// Stores a rate-limit key's value in its slot, if `key` is one.
+fn take_rate(slot: Option<&mut Option<u64>>, key: &str, value: &str) -> Result<bool, String> {
+    let Some(slot) = slot else {
+        return Ok(false);
     };
-    let mut limits = LimitSpec::default();
-    for (i, item) in spec.split(',').enumerate() {
-        if let Some((k, v)) = item.split_once('=') {
-            if limits.take(k, v)? {
-                continue;
-            }
+    *slot = Some(parse_rate(value).map_err(|e| format!("{key}: {e}"))?);
+    Ok(true)
+}
+
+/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on]` plus [`LIMIT_KEYS`] into the
+/// spec a configuration file's `disks` entry gives; a bare `FILE` is allowed. Checks the
+/// same rules as the file, except the file system's.
+pub fn parse_disk_spec(text: &str) -> Result<DiskSpec, String> {
+    let mut disk = DiskSpec::default();
+    let known = format!("path=FILE, readonly=on|off, serial=ID, direct=on|off, {LIMIT_KEYS}");
+    for_each_option(text, Some("path"), "disk", &known, |key, value| {
+        match key {
+            "path" => disk.path = PathBuf::from(value),
+            "readonly" => disk.readonly = on_off(key, value)?,
+            "direct" => disk.direct = on_off(key, value)?,
+            "serial" => disk.serial = Some(value.to_string()),
+            _ => return take_rate(disk.rate_mut(key), key, value),
         }
-        match item.split_once('=') {
-            Some(("path", p)) if !p.is_empty() => disk.path = PathBuf::from(p),
-            Some(("readonly", v)) => disk.readonly = on_off("readonly", v)?,
-            Some(("direct", v)) => disk.direct = on_off("direct", v)?,
-            Some(("serial", s)) => {
-                if s.len() > 20 {
-                    return Err(format!("serial={s}: at most 20 bytes"));
-                }
-                disk.serial = Some(s.to_string());
-            }
-            None if i == 0 && !item.is_empty() => disk.path = PathBuf::from(item),
-            _ => {
-                return Err(format!(
-                    "unknown disk option '{item}' (known: path=FILE, readonly=on|off, \
-                     serial=ID, direct=on|off, {LIMIT_KEYS})"
-                ))
-            }
-        }
-    }
+        Ok(true)
+    })?;
     if disk.path.as_os_str().is_empty() {
         return Err("a disk needs path=FILE".into());
     }
-    disk.limits = limits.finish()?;
+    disk.check().map_err(|e| e.to_string())?;
     Ok(disk)
 }
 
+/// [`parse_disk_spec`], then the device's options.
+pub fn parse_disk(text: &str) -> Result<DiskOptions, String> {
+    parse_disk_spec(text)?
+        .to_options()
+        .map_err(|e| e.to_string())
+}
+
 /// Parses `cid=N,socket=PATH`: the guest's CID (3 to 2^32 - 2) and the host's Unix socket.
-pub fn parse_vsock(spec: &str) -> Result<VsockOptions, String> {
+pub fn parse_vsock_spec(text: &str) -> Result<VsockSpec, String> {
     let (mut cid, mut socket) = (None, None);
-    for item in spec.split(',') {
-        match item.split_once('=') {
-            Some(("cid", v)) => {
+    for_each_option(text, None, "vsock", "cid=N, socket=PATH", |key, value| {
+        match key {
+            "cid" => {
                 cid = Some(
-                    v.parse::<u64>()
-                        .map_err(|_| format!("cid={v}: not a number"))?,
+                    value
+                        .parse::<u64>()
+                        .map_err(|_| format!("cid={value}: not a number"))?,
                 )
             }
-            Some(("socket", p)) => socket = Some(std::path::PathBuf::from(p)),
-            _ => {
-                return Err(format!(
-                    "unknown vsock option '{item}' (known: cid=N, socket=PATH)"
-                ))
-            }
+            "socket" => socket = Some(PathBuf::from(value)),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     let (Some(cid), Some(socket)) = (cid, socket) else {
         return Err("a vsock device needs cid=N and socket=PATH".into());
     };
-    let opts = VsockOptions { cid, socket };
-    opts.validate().map_err(|e| e.to_string())?;
-    Ok(opts)
+    let vsock = VsockSpec { cid, socket };
+    vsock.check().map_err(|e| e.to_string())?;
+    Ok(vsock)
+}
+
+/// [`parse_vsock_spec`], then the device's options.
+pub fn parse_vsock(text: &str) -> Result<VsockOptions, String> {
+    parse_vsock_spec(text)?
+        .to_options()
+        .map_err(|e| e.to_string())
 }
 
 /// Parses `tap=NAME[,mac=MAC]` plus [`LIMIT_KEYS`] (each direction limited separately); a
-/// bare `NAME` is allowed. Without a MAC the device gets a
-/// random locally administered one.
-pub fn parse_net(spec: &str) -> Result<NetOptions, String> {
-    let mut net = NetOptions {
-        tap: String::new(),
-        mac: None,
-        limits: Limits::default(),
-    };
-    let mut limits = LimitSpec::default();
-    for (i, item) in spec.split(',').enumerate() {
-        if let Some((k, v)) = item.split_once('=') {
-            if limits.take(k, v)? {
-                continue;
-            }
+/// bare `NAME` is allowed. Without a MAC the device gets a random locally administered one.
+pub fn parse_net_spec(text: &str) -> Result<NetSpec, String> {
+    let mut net = NetSpec::default();
+    let known = format!("tap=NAME, mac=MAC, {LIMIT_KEYS}");
+    for_each_option(text, Some("tap"), "network", &known, |key, value| {
+        match key {
+            "tap" => net.tap = value.to_string(),
+            "mac" => net.mac = Some(value.to_string()),
+            _ => return take_rate(net.rate_mut(key), key, value),
         }
-        match item.split_once('=') {
-            Some(("tap", name)) => net.tap = name.to_string(),
-            Some(("mac", mac)) => net.mac = Some(mac.parse::<MacAddr>()?),
-            None if i == 0 && !item.is_empty() => net.tap = item.to_string(),
-            _ => {
-                return Err(format!(
-                    "unknown network option '{item}' (known: tap=NAME, mac=MAC, {LIMIT_KEYS})"
-                ))
-            }
-        }
-    }
+        Ok(true)
+    })?;
     if net.tap.is_empty() {
         return Err("a network device needs tap=NAME".into());
     }
-    vmon_virtio::tap::check_name(&net.tap).map_err(|e| format!("tap={}: {e}", net.tap))?;
-    net.limits = limits.finish()?;
+    net.check().map_err(|e| e.to_string())?;
     Ok(net)
+}
+
+/// [`parse_net_spec`], then the device's options.
+pub fn parse_net(text: &str) -> Result<NetOptions, String> {
+    parse_net_spec(text)?
+        .to_options()
+        .map_err(|e| e.to_string())
+}
+
+/// Parses `--cpu` options: `nested=on|off`.
+pub fn parse_cpu_spec(text: &str) -> Result<CpuSpec, String> {
+    let mut cpu = CpuSpec::default();
+    for_each_option(text, None, "CPU", "nested=on|off", |key, value| {
+        match (key, value) {
+            // `--cpu nested=on,` is fine.
+            ("", "") => {}
+            ("nested", v) => cpu.nested = on_off(key, v)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(cpu)
 }
 
 fn on_off(key: &str, value: &str) -> Result<bool, String> {
@@ -205,6 +211,7 @@ fn on_off(key: &str, value: &str) -> Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmon_virtio::rate_limiter::Limit;
 
     #[test]
     fn net_specs() {
