@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf 'test.sh: %s\n' "$*" >&2; }
 
-packages=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd e2fsprogs)
+packages=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd e2fsprogs curl)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -89,6 +89,11 @@ impl Vm {
         &self.fd
     }
 
+    /// The VM descriptor for components that outlive a borrow (the SCI line, VM control).
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
+    }
+
     pub fn create_vcpu(&self, index: u32) -> Result<Vcpu, VmError> {
         let fd = self
             .fd

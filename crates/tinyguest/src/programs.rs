@@ -200,6 +200,25 @@ pub fn print_then_spin(msg: &[u8]) -> Vec<u8> {
     })
 }
 
+/// Prints 0, 1, 2, ... one number per line on COM1, forever, with `delay` COM1 LSR reads
+/// between lines (each a trip to the VMM, so the pace is roughly the same everywhere).
+///
+/// Host observes: a counter that advances while the guest runs and stops while it is
+/// paused, continuing with the next number after a resume.
+pub fn count_forever(delay: u32) -> Vec<u8> {
+    build64(|g| {
+        let mut again = g.a.create_label();
+        g.a.xor(edi, edi)?;
+        g.a.set_label(&mut again)?;
+        // print_dec reads edi and keeps it; putc and io_delay use eax, ecx, edx.
+        g.print_dec_edi()?;
+        g.print(b"\n")?;
+        g.io_delay(delay)?;
+        g.a.inc(edi)?;
+        g.a.jmp(again)
+    })
+}
+
 fn spin(g: &mut Asm) -> Result {
     let mut l = g.a.create_label();
     g.a.set_label(&mut l)?;

@@ -22,6 +22,8 @@ pub mod exit_codes {
     pub const VMM_FAULT: i32 = 70;
     /// The host refused resources: memory that cannot be mapped, threads, descriptors.
     pub const HOST_RESOURCES: i32 = 71;
+    /// An orderly shutdown timed out: the guest did not power off in time and was stopped.
+    pub const SHUTDOWN_TIMED_OUT: i32 = 75;
     /// The guest crashed: triple fault or kernel panic.
     pub const GUEST_CRASHED: i32 = 76;
     /// vmon was stopped by a signal or the console escape: 128 + signal number.
@@ -45,6 +47,10 @@ pub enum VmOutcome {
     Fault(String),
     /// The host stopped the VM: a signal, or Ctrl-A x on the console.
     Stopped { signal: i32 },
+    /// An API client asked for a hard stop.
+    StoppedByApi,
+    /// The power button was pressed and the guest did not power off within this time.
+    ShutdownTimedOut(std::time::Duration),
 }
 
 impl VmOutcome {
@@ -55,6 +61,8 @@ impl VmOutcome {
             VmOutcome::Panic | VmOutcome::TripleFault(_) => exit_codes::GUEST_CRASHED,
             VmOutcome::Fault(_) => exit_codes::VMM_FAULT,
             VmOutcome::Stopped { signal } => exit_codes::SIGNAL_BASE + signal,
+            VmOutcome::StoppedByApi => exit_codes::OK,
+            VmOutcome::ShutdownTimedOut(_) => exit_codes::SHUTDOWN_TIMED_OUT,
         }
     }
 
@@ -65,6 +73,11 @@ impl VmOutcome {
             VmOutcome::Panic => Some("guest crashed: kernel panic".into()),
             VmOutcome::TripleFault(at) => Some(format!("guest crashed: triple fault ({at})")),
             VmOutcome::Fault(what) => Some(format!("VM stopped: {what}")),
+            VmOutcome::StoppedByApi => Some("VM stopped through the API".into()),
+            VmOutcome::ShutdownTimedOut(t) => Some(format!(
+                "the guest did not power off within {} s of the power button; stopped it",
+                t.as_secs_f64()
+            )),
             VmOutcome::Stopped { signal } => Some(format!(
                 "VM stopped by {}",
                 match *signal {
@@ -117,6 +130,14 @@ pub enum VmmError {
     Net(#[from] vmon_virtio::tap::TapError),
     #[error("--vsock {0}")]
     Vsock(#[from] vmon_virtio::vsock::VsockError),
+    #[error("{0}")]
+    Api(#[source] vmon_api::server::ServerError),
+    #[error("--metrics-file {}: {source}", path.display())]
+    MetricsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what}: {source}")]
     Host {
         what: &'static str,
@@ -151,6 +172,28 @@ impl VmmError {
                 BootError::GuestMemory(_) => USAGE,
             },
             VmmError::Vm(_) | VmmError::Vcpu(_) | VmmError::Devices(_) => VMM_FAULT,
+            VmmError::Api(e) => {
+                use vmon_api::server::ServerError;
+                match e {
+                    ServerError::PathTooLong(_)
+                    | ServerError::InUse(_)
+                    | ServerError::NotASocket(_) => USAGE,
+                    ServerError::Io { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound
+                            || source.kind() == std::io::ErrorKind::PermissionDenied =>
+                    {
+                        NO_INPUT
+                    }
+                    _ => HOST_RESOURCES,
+                }
+            }
+            VmmError::MetricsFile { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound
+                    || source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                NO_INPUT
+            }
+            VmmError::MetricsFile { .. } => HOST_RESOURCES,
             VmmError::Disk(e) => match e {
                 vmon_virtio::block::DiskError::Open { source, .. }
                     if source.kind() == std::io::ErrorKind::NotFound

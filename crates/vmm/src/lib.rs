@@ -8,6 +8,8 @@
 //! its own thread (see vmon-virtio), woken by ioeventfds and raising MSI-X through irqfds.
 
 pub mod config;
+pub mod config_file;
+pub mod control;
 pub mod exit;
 pub mod machine;
 mod pci_devices;

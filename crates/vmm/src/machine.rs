@@ -3,7 +3,6 @@
 use std::io::{self, Read};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use vmon_boot::BootSpec;
 use vmon_devices::bus::lock;
 use vmon_devices::legacy::exit_port::{ExitPort, EXIT_PORT};
 use vmon_devices::legacy::i8042::I8042;
-use vmon_devices::legacy::power::{self, PmControl};
+use vmon_devices::legacy::power::{self, IrqLine, PmControl, PmWiring};
 use vmon_devices::legacy::rtc::Rtc;
 use vmon_devices::legacy::serial::{Output, SerialPort};
 use vmon_devices::legacy::{self, COM1, COM2, UART_PORTS};
@@ -32,7 +31,11 @@ use vmon_virtio::tap::Tap;
 use vmon_virtio::vsock::{Vsock, VsockBackend};
 use vmon_virtio::VirtioDevice;
 
+use vmon_api::router::Router;
+use vmon_api::server::ApiServer;
+
 use crate::config::VmConfig;
+use crate::control::{ControlParts, DeviceEntry, HostRequest, VmControl};
 use crate::exit::{VmOutcome, VmmError};
 use crate::pci_devices::PciSpace;
 use crate::signals::{self, StopSignals};
@@ -50,9 +53,24 @@ const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Console escape: Ctrl-A, then x quits (as in QEMU); Ctrl-A Ctrl-A sends one Ctrl-A.
 const ESCAPE: u8 = 0x01;
 
+/// The SCI: a level-triggered line on the in-kernel IOAPIC/PIC.
+struct KvmIrqLine {
+    vm: Arc<kvm_ioctls::VmFd>,
+    gsi: u32,
+}
+
+impl IrqLine for KvmIrqLine {
+    fn set_level(&self, high: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
+            tracing::warn!(gsi = self.gsi, "KVM_IRQ_LINE: {e}");
+        }
+    }
+}
+
 pub struct Machine {
     // Field order is drop order: vCPUs and the VM go before the memory they map.
     vcpus: Vec<Vcpu>,
+    control: Arc<VmControl>,
     vm: Vm,
     _hypervisor: Hypervisor,
     memory: GuestMemory,
@@ -61,6 +79,9 @@ pub struct Machine {
     console: Arc<Mutex<SerialPort>>,
     stop: Arc<StopSignal>,
     console_input: bool,
+    /// Bound before the guest starts (so a bad path fails early), served once it runs.
+    api: Option<ApiServer>,
+    metrics_file: Option<MetricsFile>,
 }
 
 fn host(what: &'static str) -> impl FnOnce(io::Error) -> VmmError {
@@ -170,31 +191,42 @@ impl Machine {
             EXIT_PORT,
             1,
         )?;
-        add(
-            Arc::new(Mutex::new(PmControl::new(stop.clone()))),
-            power::PM_PORTS.0,
-            power::PM_PORTS.1,
-        )?;
+        let power = Arc::new(Mutex::new(PmControl::new(PmWiring {
+            stop: stop.clone(),
+            sci: Box::new(KvmIrqLine {
+                vm: vm.shared_fd(),
+                gsi: u32::from(power::SCI_IRQ),
+            }),
+        })));
+        add(power.clone(), power::PM_PORTS.0, power::PM_PORTS.1)?;
         let mut pci_root = PciConfigIo::new();
         let mut mmio = Bus::new();
         let mut pci_space = PciSpace::new()?;
-        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        let mut virtio: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
-            virtio.push(Box::new(Block::new(disk, format!("disk{i}"))));
+            let name = format!("disk{i}");
+            virtio.push((name.clone(), "block", Box::new(Block::new(disk, name))));
         }
         for (i, (tap, opts)) in taps.into_iter().zip(&config.nets).enumerate() {
             let mac = opts.mac.unwrap_or_else(MacAddr::random);
             tracing::info!("net{i}: tap '{}', guest MAC {mac}", tap.name());
-            let net = Net::new(Box::new(tap), mac, format!("net{i}")).with_limits(opts.limits);
-            virtio.push(Box::new(net));
+            let name = format!("net{i}");
+            let net = Net::new(Box::new(tap), mac, name.clone()).with_limits(opts.limits);
+            virtio.push((name, "net", Box::new(net)));
         }
         if let Some((cid, backend)) = vsock {
-            virtio.push(Box::new(Vsock::new(cid, backend)));
+            virtio.push(("vsock".into(), "vsock", Box::new(Vsock::new(cid, backend))));
         }
         if config.rng {
-            virtio.push(Box::new(Rng::new()));
+            virtio.push(("rng".into(), "rng", Box::new(Rng::new())));
         }
-        for device in virtio {
+        let mut device_entries = Vec::with_capacity(virtio.len());
+        for (name, kind, device) in virtio {
+            device_entries.push(DeviceEntry {
+                name,
+                kind,
+                metrics: device.metrics(),
+            });
             pci_space.attach(&vm, &memory, &mut pci_root, &mut mmio, device)?;
         }
         add(
@@ -215,8 +247,30 @@ impl Machine {
             vcpus.push(vcpu);
         }
 
+        let api = config
+            .api_socket
+            .as_deref()
+            .map(ApiServer::bind)
+            .transpose()
+            .map_err(VmmError::Api)?;
+        let metrics_file = config
+            .metrics_file
+            .as_deref()
+            .map(|p| MetricsFile::open(p, config.metrics_interval))
+            .transpose()?;
+        let control = VmControl::new(ControlParts {
+            vm: vm.shared_fd(),
+            vcpus: vcpus.len(),
+            devices: device_entries,
+            power,
+            config: config.spec.clone(),
+            memory_mib: config.memory.bytes() >> 20,
+        })
+        .map_err(host("creating an eventfd"))?;
+
         Ok(Machine {
             vcpus,
+            control: Arc::new(control),
             vm,
             _hypervisor: hypervisor,
             memory,
@@ -225,14 +279,21 @@ impl Machine {
             console,
             stop,
             console_input: config.console_input,
+            api,
+            metrics_file,
         })
+    }
+
+    /// The handle the management API and embedders operate the VM through.
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
     }
 
     /// Runs the guest until it stops or the host stops it.
     pub fn run(mut self) -> Result<VmOutcome, VmmError> {
         let host_signals = StopSignals::new().map_err(host("setting up signal handling"))?;
         signals::install_vcpu_kick_handler().map_err(host("setting up signal handling"))?;
-        let running = Arc::new(AtomicBool::new(true));
+        let running = self.control.running().clone();
         let outcome = Arc::new(OutcomeSlot::new().map_err(host("creating an eventfd"))?);
 
         // Raw mode before the first guest instruction, so no early keystroke is cooked.
@@ -249,6 +310,8 @@ impl Machine {
                 memory: self.memory.clone(),
                 running: running.clone(),
                 outcome: outcome.clone(),
+                control: self.control.clone(),
+                stats: self.control.vcpu_stats(vcpu.index() as usize),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index()))
@@ -256,7 +319,7 @@ impl Machine {
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
-                    stop_vcpus(&running, threads);
+                    stop_vcpus(&self.control, threads);
                     return Err(VmmError::Host {
                         what: "starting a vCPU thread",
                         source: e,
@@ -264,9 +327,27 @@ impl Machine {
                 }
             }
         }
+        self.control
+            .set_vcpu_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        let api = match self.api.take() {
+            Some(server) => {
+                let stats = server.stats();
+                self.control
+                    .set_api_stats(Arc::new(move || stats.snapshot()));
+                match server.spawn(Arc::new(Router::new(self.control.clone()))) {
+                    Ok(handle) => Some(handle),
+                    Err(e) => {
+                        stop_vcpus(&self.control, threads);
+                        return Err(VmmError::Api(e));
+                    }
+                }
+            }
+            None => None,
+        };
 
         let result = self.main_loop(&host_signals, &outcome, terminal.is_some());
-        stop_vcpus(&running, threads);
+        stop_vcpus(&self.control, threads);
+        drop(api);
         drop(terminal);
         let _ = &self.vm;
         result
@@ -281,17 +362,44 @@ impl Machine {
         let mut stdin_open = self.console_input;
         let mut escape_pending = false;
         let mut buf = [0u8; 4096];
+        let mut shutdown_by: Option<(Instant, Duration)> = None;
+        let mut next_metrics = self
+            .metrics_file
+            .as_ref()
+            .map(|m| Instant::now() + m.interval);
         loop {
+            let now = Instant::now();
+            if let Some((deadline, timeout)) = shutdown_by {
+                if now >= deadline {
+                    return Ok(VmOutcome::ShutdownTimedOut(timeout));
+                }
+            }
+            if let (Some(at), Some(m)) = (next_metrics, &self.metrics_file) {
+                if now >= at {
+                    m.write(&self.control);
+                    next_metrics = Some(at.max(now - m.interval) + m.interval);
+                }
+            }
+            let wake_at = [shutdown_by.map(|(d, _)| d), next_metrics]
+                .into_iter()
+                .flatten()
+                .min();
+            let timeout_ms = wake_at.map_or(-1, |at| {
+                let left = at.saturating_duration_since(Instant::now());
+                // Round up so we do not wake a moment early and spin.
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            });
             let mut fds = vec![
                 pollfd(host_signals.raw_fd()),
                 pollfd(self.stop.eventfd().as_raw_fd()),
                 pollfd(outcome.eventfd().as_raw_fd()),
+                pollfd(self.control.wake_fd().as_raw_fd()),
             ];
             if stdin_open {
                 fds.push(pollfd(libc::STDIN_FILENO));
             }
             // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
@@ -324,7 +432,16 @@ impl Machine {
                     return Ok(o);
                 }
             }
-            if stdin_open && fds[3].revents != 0 {
+            if fds[3].revents != 0 {
+                match self.control.request() {
+                    Some(HostRequest::Stop) => return Ok(VmOutcome::StoppedByApi),
+                    Some(HostRequest::ShutdownBy { deadline, timeout }) => {
+                        shutdown_by = Some((deadline, timeout));
+                    }
+                    None => {}
+                }
+            }
+            if stdin_open && fds[4].revents != 0 {
                 match io::stdin().lock().read(&mut buf) {
                     Ok(0) => stdin_open = false,
                     Ok(n) => {
@@ -369,6 +486,44 @@ impl Machine {
     }
 }
 
+/// `--metrics-file`: the counters as one JSON object per line, every `interval`.
+pub struct MetricsFile {
+    file: Mutex<std::fs::File>,
+    interval: Duration,
+}
+
+impl MetricsFile {
+    fn open(path: &std::path::Path, interval: Duration) -> Result<Self, VmmError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| VmmError::MetricsFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(MetricsFile {
+            file: Mutex::new(file),
+            interval,
+        })
+    }
+
+    fn write(&self, control: &VmControl) {
+        let mut line = match serde_json::to_vec(&control.counters()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("metrics: {e}");
+                return;
+            }
+        };
+        line.push(b'\n');
+        // One write per line, so a reader never sees half a record.
+        if let Err(e) = std::io::Write::write_all(&mut *lock(&self.file), &line) {
+            tracing::warn!("metrics file: {e}");
+        }
+    }
+}
+
 fn pollfd(fd: i32) -> libc::pollfd {
     libc::pollfd {
         fd,
@@ -377,9 +532,10 @@ fn pollfd(fd: i32) -> libc::pollfd {
     }
 }
 
-/// Tells every vCPU thread to stop and kicks it out of KVM_RUN until it has.
-fn stop_vcpus(running: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    running.store(false, Ordering::Release);
+/// Tells every vCPU thread to stop (waking paused ones) and kicks it out of KVM_RUN until
+/// it has.
+fn stop_vcpus(control: &VmControl, threads: Vec<JoinHandle<()>>) {
+    control.end();
     let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
     let mut left = threads;
     while !left.is_empty() && Instant::now() < deadline {

@@ -15,6 +15,7 @@ use vmon_devices::Bus;
 use vmon_hypervisor::Vcpu;
 use vmon_memory::GuestMemory;
 
+use crate::control::{ExitReason, VcpuStats, VmControl};
 use crate::exit::VmOutcome;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -58,6 +59,8 @@ pub(crate) struct VcpuContext {
     pub memory: GuestMemory,
     pub running: Arc<AtomicBool>,
     pub outcome: Arc<OutcomeSlot>,
+    pub control: Arc<VmControl>,
+    pub stats: Arc<VcpuStats>,
 }
 
 /// Human-readable names for KVM_INTERNAL_ERROR_* suberrors.
@@ -73,8 +76,30 @@ fn internal_error_name(suberror: u32) -> &'static str {
 
 pub(crate) fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
     let index = vcpu.index();
+    ctx.stats.set_current_thread();
+    let stats = &ctx.stats;
     while ctx.running.load(Ordering::Acquire) {
-        let outcome = match vcpu.fd_mut().run() {
+        ctx.control.wait_if_paused(&vcpu);
+        let exit = vcpu.fd_mut().run();
+        stats.count(match &exit {
+            Ok(VcpuExit::IoIn(..)) => ExitReason::IoIn,
+            Ok(VcpuExit::IoOut(..)) => ExitReason::IoOut,
+            Ok(VcpuExit::MmioRead(..)) => ExitReason::MmioRead,
+            Ok(VcpuExit::MmioWrite(..)) => ExitReason::MmioWrite,
+            Ok(VcpuExit::Hlt) => ExitReason::Hlt,
+            Ok(VcpuExit::IrqWindowOpen) => ExitReason::IrqWindow,
+            Ok(VcpuExit::Intr) => ExitReason::Interrupted,
+            Ok(VcpuExit::Shutdown) => ExitReason::Shutdown,
+            Ok(VcpuExit::InternalError) => ExitReason::InternalError,
+            Ok(VcpuExit::FailEntry(..)) => ExitReason::FailEntry,
+            Ok(VcpuExit::SystemEvent(..)) => ExitReason::SystemEvent,
+            Ok(_) => ExitReason::Other,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                ExitReason::Interrupted
+            }
+            Err(_) => ExitReason::Other,
+        });
+        let outcome = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {
                     tracing::trace!(port, len = data.len(), "read from an unclaimed port");

@@ -7,10 +7,12 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use vmon_hypervisor::Hypervisor;
 use vmon_memory::MemSize;
-use vmon_vmm::config::{DiskOptions, NetOptions, VsockOptions};
-use vmon_vmm::{exit_codes, Machine, VmConfig, VmmError};
+use vmon_vmm::config;
+use vmon_vmm::config_file::{CpuSpec, DiskSpec, NetSpec, VmSpec, VsockSpec};
+use vmon_vmm::{exit_codes, Machine, VmmError};
 
 use crate::base64;
+use crate::ctl::{self, CtlArgs};
 use crate::kit;
 
 /// Kernel parameters for every guest vmon boots by default: reboot through the i8042 (which
@@ -32,17 +34,23 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a VM; with `-- CMD`, run CMD in the default guest and exit with its status
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Build the default guest kit if needed and print its directory
     Kit {
         /// Rebuild even if a complete kit exists
         #[arg(long)]
         rebuild: bool,
     },
+    /// Operate a running VM through its API socket
+    Ctl(CtlArgs),
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
+    /// VM configuration file (JSON, or TOML by extension); flags given as well override its
+    /// values, and a repeatable flag (--disk, --net) replaces the file's whole list
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Kernel image: bzImage or ELF vmlinux (default: the default guest's kernel)
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -52,56 +60,74 @@ struct RunArgs {
     /// Kernel command line (default: serial console and vmon's reboot/panic conventions)
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
-    /// Number of vCPUs
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    cpus: u32,
-    /// Guest memory: 512M, 2G, 1024 (MiB)
-    #[arg(long, default_value = "512M", value_name = "SIZE")]
-    memory: MemSize,
+    /// Number of vCPUs [default: 1]
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest memory: 512M, 2G, 1024 (MiB) [default: 512M]
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<MemSize>,
     /// CPU options: nested=on exposes VMX/SVM to the guest
-    #[arg(long = "cpu", value_name = "OPTS", value_parser = parse_cpu_options)]
-    cpu: Option<CpuOptions>,
-    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on]; repeat for more
-    /// (the guest sees vda, vdb, ... in order)
-    #[arg(long = "disk", value_name = "SPEC", value_parser = vmon_vmm::config::parse_disk)]
-    disks: Vec<DiskOptions>,
-    /// A virtio-net device on a host tap: tap=NAME[,mac=MAC]; repeat for more (eth0, eth1,
-    /// ...). The tap must exist (`ip tuntap add NAME mode tap user $USER`) unless vmon may
-    /// create it (CAP_NET_ADMIN); without mac= the guest gets a random 02:xx:... address
-    #[arg(long = "net", value_name = "SPEC", value_parser = vmon_vmm::config::parse_net)]
-    nets: Vec<NetOptions>,
+    #[arg(long = "cpu", value_name = "OPTS", value_parser = config::parse_cpu_spec)]
+    cpu: Option<CpuSpec>,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on] plus rate limits
+    /// (bps=RATE, bps_burst=BYTES, iops=N, iops_burst=N); repeat for more (the guest sees
+    /// vda, vdb, ... in order)
+    #[arg(long = "disk", value_name = "SPEC", value_parser = config::parse_disk_spec)]
+    disks: Vec<DiskSpec>,
+    /// A virtio-net device on a host tap: tap=NAME[,mac=MAC] plus rate limits; repeat for
+    /// more (eth0, eth1, ...). The tap must exist (`ip tuntap add NAME mode tap user $USER`)
+    /// unless vmon may create it (CAP_NET_ADMIN); without mac= the guest gets a random
+    /// 02:xx:... address
+    #[arg(long = "net", value_name = "SPEC", value_parser = config::parse_net_spec)]
+    nets: Vec<NetSpec>,
     /// Add a virtio-rng device fed from the host's getrandom
     #[arg(long)]
     rng: bool,
     /// A virtio-vsock device: cid=N,socket=PATH. Guest connections to host port P go to the
     /// Unix socket PATH_P; host programs connect to PATH and write "CONNECT P\n"
-    #[arg(long = "vsock", value_name = "SPEC", value_parser = vmon_vmm::config::parse_vsock)]
-    vsock: Option<VsockOptions>,
+    #[arg(long = "vsock", value_name = "SPEC", value_parser = config::parse_vsock_spec)]
+    vsock: Option<VsockSpec>,
+    /// Serve the management API (HTTP/1.1, JSON) on this Unix socket; see `vmon ctl`
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Write vmon's log here instead of stderr (the guest's output never goes to the log)
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Append the counters (as `vmon ctl counters --json` shows them) to this file as JSON
+    /// lines
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
+    /// Seconds between --metrics-file records [default: 10]
+    #[arg(long, value_name = "SECS")]
+    metrics_interval: Option<u64>,
     /// Command to run in the guest; its stdout becomes vmon's and its status vmon's
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default)]
-struct CpuOptions {
-    nested: bool,
-}
-
-fn parse_cpu_options(text: &str) -> Result<CpuOptions, String> {
-    let mut opts = CpuOptions::default();
-    for item in text.split(',').filter(|s| !s.is_empty()) {
-        match item.split_once('=') {
-            Some(("nested", "on")) => opts.nested = true,
-            Some(("nested", "off")) => opts.nested = false,
-            Some(("nested", v)) => return Err(format!("nested={v}: use on or off")),
-            _ => {
-                return Err(format!(
-                    "unknown CPU option '{item}' (known: nested=on|off)"
-                ))
-            }
+impl RunArgs {
+    /// The flags as a spec, to lay over the configuration file's.
+    fn to_spec(&self, log_level: Option<&str>) -> VmSpec {
+        VmSpec {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: self.memory,
+            cpu: self.cpu,
+            disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
+            nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
+            vsock: self.vsock.clone(),
+            rng: self.rng.then_some(true),
+            command: (!self.command.is_empty()).then(|| self.command.clone()),
+            api_socket: self.api_socket.clone(),
+            log_level: log_level.map(str::to_string),
+            log_file: self.log_file.clone(),
+            metrics_file: self.metrics_file.clone(),
+            metrics_interval_s: self.metrics_interval,
+            ..VmSpec::default()
         }
     }
-    Ok(opts)
 }
 
 const EXIT_STATUS_HELP: &str = "\
@@ -181,24 +207,40 @@ fn guest_cmdline(user: Option<&str>, command: &[String], terminal: HostTerminal)
     cmdline
 }
 
-fn init_logging(level: Option<&str>) -> Result<(), String> {
+fn parse_level(level: Option<&str>) -> Result<tracing::Level, String> {
     let text = level
         .map(str::to_string)
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "warn".into());
-    let level: tracing::Level = text
-        .trim()
+    text.trim()
         .parse()
-        .map_err(|_| format!("--log-level {text}: use error, warn, info, debug or trace"))?;
-    tracing_subscriber::fmt()
+        .map_err(|_| format!("--log-level {text}: use error, warn, info, debug or trace"))
+}
+
+/// Sends the log to stderr, or appends it to `file`. The guest's serial output is written
+/// to stdout/stderr directly and never passes through here.
+fn init_logging(level: tracing::Level, file: Option<&std::path::Path>) -> Result<(), String> {
+    let builder = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match file {
+        None => builder.with_writer(std::io::stderr).init(),
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init()
+        }
+    }
     Ok(())
 }
 
-fn fail(message: impl std::fmt::Display, code: i32) -> i32 {
+pub(crate) fn fail(message: impl std::fmt::Display, code: i32) -> i32 {
     vmon_vmm::terminal::restore();
     eprintln!("vmon: {message}");
     code
@@ -218,55 +260,81 @@ pub fn main() -> i32 {
             return fail(format!("{first} (see 'vmon --help')"), exit_codes::USAGE);
         }
     };
-    if let Err(e) = init_logging(cli.log_level.as_deref()) {
-        return fail(e, exit_codes::USAGE);
-    }
+    let level = match parse_level(cli.log_level.as_deref()) {
+        Ok(l) => l,
+        Err(e) => return fail(e, exit_codes::USAGE),
+    };
     match cli.command {
-        Command::Kit { rebuild } => match kit::ensure(rebuild) {
-            Ok(kit) => {
-                println!("{}", kit.dir.display());
-                exit_codes::OK
+        // `run` may take its log settings from a configuration file.
+        Command::Run(args) => run(*args, cli.log_level.as_deref()),
+        Command::Ctl(args) => {
+            let _ = init_logging(level, None);
+            ctl::run(args)
+        }
+        Command::Kit { rebuild } => {
+            let _ = init_logging(level, None);
+            match kit::ensure(rebuild) {
+                Ok(kit) => {
+                    println!("{}", kit.dir.display());
+                    exit_codes::OK
+                }
+                Err(e) => fail(e, exit_codes::NO_INPUT),
             }
-            Err(e) => fail(e, exit_codes::NO_INPUT),
-        },
-        Command::Run(args) => run(args),
+        }
     }
 }
 
-fn run(args: RunArgs) -> i32 {
-    let (kernel, initrd) =
-        match (args.kernel, args.initrd) {
-            (Some(kernel), initrd) => (kernel, initrd),
-            // On a PVM host the stock kernel would run for a minute in KVM's instruction
-            // emulator and then fail; say so at once instead.
-            (None, _) if Hypervisor::is_pvm() => return fail(
+fn run(args: RunArgs, log_level: Option<&str>) -> i32 {
+    let flags = args.to_spec(log_level);
+    let mut spec = match &args.config {
+        Some(path) => match VmSpec::load(path) {
+            Ok(file) => file.overlay(flags),
+            Err(e) => return fail(&e, e.exit_code()),
+        },
+        None => flags,
+    };
+    // A file's values are checked up front so the message can name the file and the field
+    // (`vm.json: disks[1].path: no such file`). Flags alone keep the machine's own checks,
+    // whose messages name the flag and what this host allows (`--cpus 300: this host
+    // supports at most 254 vCPUs per VM`).
+    if args.config.is_some() {
+        if let Err(e) = spec.validate() {
+            return fail(&e, e.exit_code());
+        }
+    }
+    let level = match parse_level(spec.log_level.as_deref()) {
+        Ok(l) => l,
+        Err(e) => return fail(e, exit_codes::USAGE),
+    };
+    if let Err(e) = init_logging(level, spec.log_file.as_deref()) {
+        return fail(e, exit_codes::NO_INPUT);
+    }
+    if spec.kernel.is_none() {
+        // On a PVM host the stock kernel would run for a minute in KVM's instruction
+        // emulator and then fail; say so at once instead.
+        if Hypervisor::is_pvm() {
+            return fail(
                 "KVM is not usable for the default guest: this host's /dev/kvm is PVM (kvm_pvm), \
                  on which a stock Linux kernel cannot boot; use a host with VT-x/AMD-V, or the \
                  lab (scripts/lab.sh)",
                 exit_codes::KVM_UNAVAILABLE,
-            ),
-            (None, initrd) => match kit::ensure(false) {
-                Ok(kit) => (kit.kernel, Some(initrd.unwrap_or(kit.initrd))),
-                Err(e) => return fail(e, exit_codes::NO_INPUT),
-            },
-        };
-    let config = VmConfig {
-        cmdline: guest_cmdline(
-            args.cmdline.as_deref(),
-            &args.command,
-            HostTerminal::probe(),
-        ),
-        initrd,
-        cpus: args.cpus,
-        memory: args.memory,
-        nested: args.cpu.unwrap_or_default().nested,
-        console_input: true,
-        disks: args.disks,
-        nets: args.nets,
-        rng: args.rng,
-        vsock: args.vsock,
-        ..VmConfig::new(kernel)
+            );
+        }
+        match kit::ensure(false) {
+            Ok(kit) => {
+                spec.kernel = Some(kit.kernel);
+                spec.initrd = Some(spec.initrd.take().unwrap_or(kit.initrd));
+            }
+            Err(e) => return fail(e, exit_codes::NO_INPUT),
+        }
+    }
+    let mut config = match spec.to_vm_config() {
+        Ok(c) => c,
+        Err(e) => return fail(&e, e.exit_code()),
     };
+    let command = spec.command.clone().unwrap_or_default();
+    config.cmdline = guest_cmdline(spec.cmdline.as_deref(), &command, HostTerminal::probe());
+    config.console_input = true;
     let outcome = Machine::new(&config).and_then(Machine::run);
     match outcome {
         Ok(outcome) => {
@@ -329,14 +397,6 @@ mod tests {
             guest_cmdline(Some("root=/dev/vda"), &[], tty),
             "root=/dev/vda"
         );
-    }
-
-    #[test]
-    fn cpu_options() {
-        assert!(parse_cpu_options("nested=on").unwrap().nested);
-        assert!(!parse_cpu_options("nested=off").unwrap().nested);
-        assert!(parse_cpu_options("nested=maybe").is_err());
-        assert!(parse_cpu_options("turbo=on").is_err());
     }
 
     #[test]

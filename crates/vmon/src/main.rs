@@ -2,6 +2,7 @@
 
 mod base64;
 mod cli;
+mod ctl;
 mod kit;
 
 use std::process::ExitCode;

@@ -1,0 +1,535 @@
+//! Operating a running VM from outside: pause, resume, orderly shutdown, hard stop, and the
+//! counters the management API reports.
+//!
+//! [`VmControl`] is shared (an `Arc`) by the main loop, the vCPU threads and the API thread.
+//! Nothing in it blocks a vCPU or device thread on the API: vCPUs only check one atomic flag
+//! per exit, and park on a condition variable only when a pause was asked for.
+//!
+//! Pause: the flag is raised, every vCPU thread is kicked out of `KVM_RUN` with the kick
+//! signal (repeatedly, since a kick that lands just before `KVM_RUN` is entered is lost), and
+//! each parks before re-entering the guest. Guest time: kvmclock is read when the last vCPU
+//! has parked and written back on resume (as QEMU does), so the guest's monotonic clock does
+//! not jump over the pause and its watchdogs stay quiet; each parked vCPU also tells KVM the
+//! guest was paused by the host (`KVM_KVMCLOCK_CTRL`), which silences soft-lockup reports.
+//! The guest's wall clock lags by the pause, as after a laptop suspend, until NTP or
+//! `hwclock --hctosys` fixes it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_clock_data;
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmon_api::model::{Counters, DeviceCounters, VcpuCounters, VmInfo, VmState};
+use vmon_api::router::{ApiError, VmApi};
+use vmon_devices::bus::lock;
+use vmon_devices::legacy::power::PmControl;
+use vmon_hypervisor::Vcpu;
+use vmon_virtio::metrics::DeviceMetrics;
+
+use crate::signals;
+
+/// How long `pause` waits for every vCPU to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a vCPU that has not parked yet is kicked again.
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
+/// Longest orderly-shutdown timeout the API accepts.
+pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Why the vCPU loop returned to userspace; the names are the API's and Prometheus' labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Hlt,
+    IrqWindow,
+    /// `KVM_RUN` interrupted by a signal (kicks for pause and stop).
+    Interrupted,
+    SystemEvent,
+    Shutdown,
+    InternalError,
+    FailEntry,
+    Other,
+}
+
+const EXIT_REASONS: [(ExitReason, &str); 12] = [
+    (ExitReason::IoIn, "io_in"),
+    (ExitReason::IoOut, "io_out"),
+    (ExitReason::MmioRead, "mmio_read"),
+    (ExitReason::MmioWrite, "mmio_write"),
+    (ExitReason::Hlt, "hlt"),
+    (ExitReason::IrqWindow, "irq_window"),
+    (ExitReason::Interrupted, "interrupted"),
+    (ExitReason::SystemEvent, "system_event"),
+    (ExitReason::Shutdown, "shutdown"),
+    (ExitReason::InternalError, "internal_error"),
+    (ExitReason::FailEntry, "fail_entry"),
+    (ExitReason::Other, "other"),
+];
+
+/// One vCPU thread's counters: written by that thread only, read by the API thread.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// The thread's kernel id, for its CPU time in /proc; 0 until the thread starts.
+    tid: AtomicI32,
+    exits: [AtomicU64; EXIT_REASONS.len()],
+}
+
+impl VcpuStats {
+    pub fn count(&self, reason: ExitReason) {
+        self.exits[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Called on the vCPU thread when it starts.
+    pub fn set_current_thread(&self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.tid.store(tid, Ordering::Relaxed);
+    }
+
+    fn exits(&self) -> BTreeMap<String, u64> {
+        EXIT_REASONS
+            .iter()
+            .map(|(r, name)| {
+                (
+                    (*name).to_string(),
+                    self.exits[*r as usize].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// User plus system CPU time of the thread, in seconds (0 if it is gone).
+    fn cpu_time_s(&self) -> f64 {
+        let tid = self.tid.load(Ordering::Relaxed);
+        if tid == 0 {
+            return 0.0;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+            return 0.0;
+        };
+        thread_cpu_seconds(&stat, clock_ticks_per_second()).unwrap_or(0.0)
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/.../stat line, in seconds. The command name
+/// (field 2) may hold spaces and parentheses, so fields are counted after its last ')'.
+fn thread_cpu_seconds(stat: &str, ticks_per_second: f64) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks_per_second)
+}
+
+/// Reads the API server's own counters (requests by status class, ...).
+pub type ApiStats = Arc<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
+
+/// A device as the counters report it.
+pub struct DeviceEntry {
+    pub name: String,
+    pub kind: &'static str,
+    pub metrics: Arc<dyn DeviceMetrics>,
+}
+
+/// Where the vCPUs wait while the VM is paused.
+#[derive(Default)]
+struct PauseGate {
+    /// Fast-path copy of `inner.requested`, checked on every exit.
+    requested: AtomicBool,
+    inner: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    requested: bool,
+    parked: usize,
+}
+
+/// What the host asked the main loop to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostRequest {
+    /// Stop at once.
+    Stop,
+    /// The power button was pressed; stop at this instant if the guest has not powered off.
+    ShutdownBy {
+        deadline: Instant,
+        timeout: Duration,
+    },
+}
+
+struct RunState {
+    state: VmState,
+    paused_clock: Option<kvm_clock_data>,
+    request: Option<HostRequest>,
+}
+
+pub struct VmControl {
+    vm: Arc<VmFd>,
+    started: Instant,
+    vcpu_stats: Vec<Arc<VcpuStats>>,
+    devices: Vec<DeviceEntry>,
+    gate: PauseGate,
+    /// Serialises pause, resume and shutdown, so `run` itself is only ever held briefly
+    /// (the main loop reads it).
+    ops: Mutex<()>,
+    run: Mutex<RunState>,
+    /// Wakes the main loop when `request` changes.
+    wake: EventFd,
+    /// pthread ids of the vCPU threads, for kicks; set once they run.
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    power: Arc<Mutex<PmControl>>,
+    /// Whether the vCPUs are still meant to run (false once the VM is ending).
+    running: Arc<AtomicBool>,
+    /// The VM's configuration as the API shows it.
+    config: serde_json::Value,
+    memory_mib: u64,
+    /// Set by the API thread so the counters can include it.
+    api_stats: Mutex<Option<ApiStats>>,
+}
+
+pub struct ControlParts {
+    pub vm: Arc<VmFd>,
+    pub vcpus: usize,
+    pub devices: Vec<DeviceEntry>,
+    pub power: Arc<Mutex<PmControl>>,
+    pub config: serde_json::Value,
+    pub memory_mib: u64,
+}
+
+impl VmControl {
+    pub fn new(parts: ControlParts) -> std::io::Result<Self> {
+        Ok(VmControl {
+            vm: parts.vm,
+            started: Instant::now(),
+            vcpu_stats: (0..parts.vcpus).map(|_| Arc::default()).collect(),
+            devices: parts.devices,
+            gate: PauseGate::default(),
+            ops: Mutex::new(()),
+            run: Mutex::new(RunState {
+                state: VmState::Running,
+                paused_clock: None,
+                request: None,
+            }),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            vcpu_threads: Mutex::new(Vec::new()),
+            power: parts.power,
+            running: Arc::new(AtomicBool::new(true)),
+            config: parts.config,
+            memory_mib: parts.memory_mib,
+            api_stats: Mutex::new(None),
+        })
+    }
+
+    pub fn vcpu_stats(&self, index: usize) -> Arc<VcpuStats> {
+        self.vcpu_stats[index].clone()
+    }
+
+    pub fn running(&self) -> &Arc<AtomicBool> {
+        &self.running
+    }
+
+    pub fn set_vcpu_threads(&self, threads: Vec<libc::pthread_t>) {
+        *lock(&self.vcpu_threads) = threads;
+    }
+
+    pub fn set_api_stats(&self, stats: ApiStats) {
+        *lock(&self.api_stats) = Some(stats);
+    }
+
+    /// The main loop waits on this for host requests.
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    pub fn request(&self) -> Option<HostRequest> {
+        let _ = self.wake.read();
+        lock(&self.run).request
+    }
+
+    pub fn state(&self) -> VmState {
+        lock(&self.run).state
+    }
+
+    /// The VM is ending: vCPUs must not park any more, and parked ones must leave.
+    pub fn end(&self) {
+        self.running.store(false, Ordering::Release);
+        lock(&self.run).state = VmState::Stopped;
+        let _g = lock(&self.gate.inner);
+        self.gate.changed.notify_all();
+    }
+
+    /// Called by each vCPU thread before it enters the guest: parks while a pause is asked.
+    pub fn wait_if_paused(&self, vcpu: &Vcpu) {
+        if !self.gate.requested.load(Ordering::Acquire) {
+            return;
+        }
+        let mut g = lock(&self.gate.inner);
+        if !g.requested {
+            return;
+        }
+        g.parked += 1;
+        self.gate.changed.notify_all();
+        // Tells the guest (through kvmclock's PVCLOCK_GUEST_STOPPED) that the host stopped
+        // it, so its soft-lockup watchdog does not blame itself. Fails harmlessly when the
+        // guest does not use kvmclock.
+        let _ = vcpu.fd().kvmclock_ctrl();
+        while g.requested && self.running.load(Ordering::Acquire) {
+            g = self.gate.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.parked -= 1;
+        self.gate.changed.notify_all();
+    }
+
+    fn kick_vcpus(&self) {
+        for &t in lock(&self.vcpu_threads).iter() {
+            // SAFETY: the ids belong to vCPU threads that outlive every caller (they are
+            // joined only after the VM ends, and `end` runs first); the kick signal's
+            // handler does nothing.
+            unsafe { libc::pthread_kill(t, signals::vcpu_kick_signal()) };
+        }
+    }
+
+    pub fn pause(&self) -> Result<VmState, ApiError> {
+        let _op = lock(&self.ops);
+        match self.state() {
+            VmState::Paused => return Ok(VmState::Paused),
+            VmState::Running => {}
+            other => {
+                return Err(ApiError::conflict(format!(
+                    "cannot pause: the VM is {}",
+                    other.as_str()
+                )))
+            }
+        }
+        let vcpus = self.vcpu_stats.len();
+        {
+            let mut g = lock(&self.gate.inner);
+            g.requested = true;
+            self.gate.requested.store(true, Ordering::Release);
+            let deadline = Instant::now() + PAUSE_TIMEOUT;
+            while g.parked < vcpus {
+                if Instant::now() >= deadline || !self.running.load(Ordering::Acquire) {
+                    g.requested = false;
+                    self.gate.requested.store(false, Ordering::Release);
+                    self.gate.changed.notify_all();
+                    return Err(ApiError::internal(format!(
+                        "{} of {vcpus} vCPUs did not stop within {} s",
+                        vcpus - g.parked,
+                        PAUSE_TIMEOUT.as_secs()
+                    )));
+                }
+                drop(g);
+                self.kick_vcpus();
+                g = lock(&self.gate.inner);
+                if g.parked < vcpus {
+                    g = self
+                        .gate
+                        .changed
+                        .wait_timeout(g, KICK_INTERVAL)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        let clock = match self.vm.get_clock() {
+            Ok(clock) => Some(clock),
+            Err(e) => {
+                tracing::warn!("pause: cannot read kvmclock ({e}); the guest clock will jump");
+                None
+            }
+        };
+        let mut run = lock(&self.run);
+        run.paused_clock = clock;
+        run.state = VmState::Paused;
+        tracing::info!("VM paused");
+        Ok(VmState::Paused)
+    }
+
+    pub fn resume(&self) -> Result<VmState, ApiError> {
+        let _op = lock(&self.ops);
+        let mut run = lock(&self.run);
+        if run.state != VmState::Paused {
+            return Ok(run.state);
+        }
+        self.resume_locked(&mut run);
+        Ok(run.state)
+    }
+
+    fn resume_locked(&self, run: &mut RunState) {
+        if let Some(clock) = run.paused_clock.take() {
+            // Only the clock value: with KVM_CLOCK_REALTIME set, KVM would add the time
+            // spent paused, which is the jump we want to hide.
+            let restored = kvm_clock_data {
+                clock: clock.clock,
+                ..Default::default()
+            };
+            if let Err(e) = self.vm.set_clock(&restored) {
+                tracing::warn!("resume: cannot restore kvmclock ({e}); the guest clock jumps");
+            }
+        }
+        {
+            let mut g = lock(&self.gate.inner);
+            g.requested = false;
+            self.gate.requested.store(false, Ordering::Release);
+            self.gate.changed.notify_all();
+        }
+        run.state = VmState::Running;
+        tracing::info!("VM resumed");
+    }
+
+    /// Presses the power button and gives the guest `timeout` to power off.
+    pub fn shutdown(&self, timeout: Duration) -> Result<(), ApiError> {
+        if timeout > MAX_SHUTDOWN_TIMEOUT {
+            return Err(ApiError::bad_request(format!(
+                "timeout_s: at most {}",
+                MAX_SHUTDOWN_TIMEOUT.as_secs()
+            )));
+        }
+        let _op = lock(&self.ops);
+        let mut run = lock(&self.run);
+        match run.state {
+            VmState::Stopped => return Err(ApiError::conflict("the VM is stopping".into())),
+            // A paused guest cannot hear the button.
+            VmState::Paused => self.resume_locked(&mut run),
+            _ => {}
+        }
+        run.state = VmState::ShuttingDown;
+        let deadline = Instant::now() + timeout;
+        // A second request may only bring the deadline closer.
+        run.request = match run.request {
+            Some(HostRequest::Stop) => Some(HostRequest::Stop),
+            Some(HostRequest::ShutdownBy { deadline: d, .. }) if d <= deadline => run.request,
+            _ => Some(HostRequest::ShutdownBy { deadline, timeout }),
+        };
+        lock(&self.power).press_power_button();
+        tracing::info!(timeout_s = timeout.as_secs_f64(), "power button pressed");
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    pub fn stop(&self) -> Result<(), ApiError> {
+        let mut run = lock(&self.run);
+        run.request = Some(HostRequest::Stop);
+        if run.state == VmState::Paused {
+            // Leave the parked vCPUs to `end`; the clock no longer matters.
+            run.paused_clock = None;
+        }
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            uptime_s: self.uptime().as_secs_f64(),
+            vcpus: self
+                .vcpu_stats
+                .iter()
+                .enumerate()
+                .map(|(i, s)| VcpuCounters {
+                    index: i as u32,
+                    cpu_time_s: s.cpu_time_s(),
+                    exits: s.exits(),
+                })
+                .collect(),
+            devices: self
+                .devices
+                .iter()
+                .map(|d| DeviceCounters {
+                    name: d.name.clone(),
+                    kind: d.kind.to_string(),
+                    counters: d
+                        .metrics
+                        .snapshot()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                })
+                .collect(),
+            api: lock(&self.api_stats)
+                .as_ref()
+                .map(|f| f())
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            state: self.state(),
+            uptime_s: self.uptime().as_secs_f64(),
+            vcpus: self.vcpu_stats.len() as u32,
+            memory_mib: self.memory_mib,
+            pid: std::process::id(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The API's view of the VM is exactly this control block.
+impl VmApi for VmControl {
+    fn info(&self) -> VmInfo {
+        VmControl::info(self)
+    }
+    fn pause(&self) -> Result<VmState, ApiError> {
+        VmControl::pause(self)
+    }
+    fn resume(&self) -> Result<VmState, ApiError> {
+        VmControl::resume(self)
+    }
+    fn shutdown(&self, timeout: Duration) -> Result<(), ApiError> {
+        VmControl::shutdown(self, timeout)
+    }
+    fn stop(&self) -> Result<(), ApiError> {
+        VmControl::stop(self)
+    }
+    fn counters(&self) -> Counters {
+        VmControl::counters(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_survives_odd_thread_names() {
+        let stat = "4242 (vcpu 0) (x)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
+        assert_eq!(thread_cpu_seconds(stat, 100.0), Some(3.0));
+        assert_eq!(thread_cpu_seconds("garbage", 100.0), None);
+        assert_eq!(thread_cpu_seconds("1 (x) S 1", 100.0), None);
+    }
+
+    #[test]
+    fn exit_reason_names_line_up_with_their_indices() {
+        for (i, (reason, _)) in EXIT_REASONS.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+        }
+        let s = VcpuStats::default();
+        s.count(ExitReason::IoOut);
+        s.count(ExitReason::IoOut);
+        s.count(ExitReason::Hlt);
+        let exits = s.exits();
+        assert_eq!(exits["io_out"], 2);
+        assert_eq!(exits["hlt"], 1);
+        assert_eq!(exits["mmio_read"], 0);
+    }
+}
