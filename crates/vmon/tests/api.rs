@@ -508,3 +508,30 @@ fn a_spinning_guest_is_kicked_out_to_pause() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn the_log_goes_to_the_log_file_and_the_guest_output_does_not() {
+    require_kvm!();
+    let dir = Scratch::new("api-log-file");
+    let log = dir.path().join("vmon.log");
+    let vm = LiveVm::start(
+        "api-log-file-vm",
+        &["--log-level", "info", "--log-file", log.to_str().unwrap()],
+    );
+    assert_eq!(http(&vm.socket, "POST", "/v1/vm/pause", None).0, 200);
+    assert_eq!(http(&vm.socket, "POST", "/v1/vm/resume", None).0, 200);
+    assert_eq!(http(&vm.socket, "POST", "/v1/vm/stop", None).0, 202);
+    let out = vm.finish(Duration::from_secs(10));
+    assert_eq!(out.code(), 0);
+    // stderr has only vmon's one-line outcome; the log lines are in the file.
+    assert_eq!(out.stderr, "vmon: VM stopped through the API\n");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("VM paused"), "{text}");
+    assert!(text.contains("VM resumed"), "{text}");
+    // The guest's console (one number per line) never reaches the log.
+    assert!(
+        !text.lines().any(|l| l.trim().parse::<u64>().is_ok()),
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "no colour codes in a file: {text}");
+}
