@@ -59,7 +59,7 @@ impl VmApi for MockVm {
         }
         Ok(*s)
     }
-    fn shutdown(&self, timeout: Duration) -> Result<(), ApiError> {
+    fn shutdown(&self, timeout: Duration) -> Result<Duration, ApiError> {
         let mut s = self.state();
         if *s == VmState::Stopped {
             return Err(ApiError::conflict("the VM is stopping".into()));
@@ -69,7 +69,7 @@ impl VmApi for MockVm {
         } else {
             *s = VmState::ShuttingDown;
         }
-        Ok(())
+        Ok(timeout)
     }
     fn stop(&self) -> Result<(), ApiError> {
         *self.state() = VmState::Stopped;

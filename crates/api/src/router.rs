@@ -21,8 +21,9 @@ pub trait VmApi: Send + Sync {
     fn pause(&self) -> Result<VmState, ApiError>;
     fn resume(&self) -> Result<VmState, ApiError>;
     /// Asks the guest to power off and gives it `timeout` before the VM is stopped. Returns
-    /// once the request is made, not when the guest is gone.
-    fn shutdown(&self, timeout: Duration) -> Result<(), ApiError>;
+    /// once the request is made, not when the guest is gone, with the time the guest really
+    /// has left (an earlier, shorter deadline stands).
+    fn shutdown(&self, timeout: Duration) -> Result<Duration, ApiError>;
     /// Stops the VM without asking the guest. Returns once the request is made.
     fn stop(&self) -> Result<(), ApiError>;
     fn counters(&self) -> Counters;
@@ -139,13 +140,12 @@ impl<A: VmApi + ?Sized> Router<A> {
                         }
                     }
                 };
-                let timeout_s = body.timeout_s();
-                match self.vm.shutdown(Duration::from_secs(timeout_s)) {
-                    Ok(()) => Response::json(
+                match self.vm.shutdown(Duration::from_secs(body.timeout_s())) {
+                    Ok(left) => Response::json(
                         202,
                         &ActionResponse {
                             state: VmState::ShuttingDown.as_str().into(),
-                            timeout_s: Some(timeout_s),
+                            timeout_s: Some(left.as_secs_f64().ceil() as u64),
                         },
                     ),
                     Err(e) => e.response(),
@@ -281,9 +281,9 @@ mod tests {
             self.log("resume".into());
             self.result().map(|()| VmState::Running)
         }
-        fn shutdown(&self, timeout: Duration) -> Result<(), ApiError> {
+        fn shutdown(&self, timeout: Duration) -> Result<Duration, ApiError> {
             self.log(format!("shutdown {}", timeout.as_secs()));
-            self.result()
+            self.result().map(|()| timeout)
         }
         fn stop(&self) -> Result<(), ApiError> {
             self.log("stop".into());

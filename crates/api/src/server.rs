@@ -768,7 +768,14 @@ struct EventLoop {
     fds: Vec<libc::pollfd>,
     scratch: Vec<u8>,
     accept_paused_until: Option<Instant>,
+    /// Connections answered 503, kept a moment so their answer is read: closing a Unix
+    /// socket with unread input resets it, and the client would see ECONNRESET instead of
+    /// the 503. Bounded; past the bound they are closed at once.
+    rejected: Vec<(UnixStream, Instant)>,
 }
+
+/// How many 503'd connections may linger at once.
+const MAX_LINGERING_REJECTS: usize = 64;
 
 impl EventLoop {
     fn new(
@@ -787,6 +794,7 @@ impl EventLoop {
             fds: Vec::with_capacity(limits.max_connections + 2),
             scratch: vec![0; SCRATCH_SIZE],
             accept_paused_until: None,
+            rejected: Vec::new(),
             limits,
         }
     }
@@ -808,6 +816,7 @@ impl EventLoop {
                 }
             }
             self.reap();
+            self.rejected.retain(|(_, until)| now < *until);
             if self.accept_paused_until.is_some_and(|t| now >= t) {
                 self.accept_paused_until = None;
             }
@@ -827,11 +836,15 @@ impl EventLoop {
                 let events = c.interest(&self.limits, pool_free);
                 self.fds.push(sys::pollfd(c.stream.as_raw_fd(), events));
             }
+            for (s, _) in &self.rejected {
+                self.fds.push(sys::pollfd(s.as_raw_fd(), libc::POLLIN));
+            }
             let deadline = self
                 .conns
                 .iter()
                 .filter_map(|c| c.deadline(&self.limits))
                 .chain(self.accept_paused_until)
+                .chain(self.rejected.iter().map(|(_, t)| *t))
                 .min();
             let timeout = deadline.map_or(-1, |d| {
                 // Rounded up: waking a little early would only loop back here.
@@ -861,6 +874,20 @@ impl EventLoop {
                     c.service(now, p.revents, &mut ctx);
                 }
             }
+            // Drain what 503'd clients still send; drop them at EOF or error.
+            let polled = &self.fds[2 + self.conns.len()..];
+            let mut keep = Vec::with_capacity(self.rejected.len());
+            for ((s, until), p) in self.rejected.drain(..).zip(polled) {
+                let open = p.revents == 0
+                    || match sys::recv_nonblocking(&s, &mut self.scratch) {
+                        Ok(n) => n > 0,
+                        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                    };
+                if open {
+                    keep.push((s, until));
+                }
+            }
+            self.rejected = keep;
             self.reap();
             if self.fds[1].revents & libc::POLLIN != 0 {
                 self.accept(now);
@@ -922,5 +949,10 @@ impl EventLoop {
         response.write_to(&mut out, false, Connection::Close);
         self.stats.record(503);
         let _ = sys::send(&stream, &out, true);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        if self.rejected.len() < MAX_LINGERING_REJECTS {
+            self.rejected
+                .push((stream, Instant::now() + self.limits.linger));
+        }
     }
 }

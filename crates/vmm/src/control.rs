@@ -84,6 +84,12 @@ impl VcpuStats {
         self.exits[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Called on the vCPU thread when it ends, so its id (which the kernel may reuse) is
+    /// not read any more.
+    pub fn clear_thread(&self) {
+        self.tid.store(0, Ordering::Relaxed);
+    }
+
     /// Called on the vCPU thread when it starts.
     pub fn set_current_thread(&self) {
         // SAFETY: gettid has no preconditions.
@@ -270,18 +276,23 @@ impl VmControl {
     pub fn end(&self) {
         self.running.store(false, Ordering::Release);
         lock(&self.run).state = VmState::Stopped;
+        // From here on the threads may be joined: forget their ids, so a pause still
+        // kicking never signals a thread that is gone (kick_vcpus holds this lock).
+        lock(&self.vcpu_threads).clear();
         let _g = lock(&self.gate.inner);
         self.gate.changed.notify_all();
     }
 
     /// Called by each vCPU thread before it enters the guest: parks while a pause is asked.
-    pub fn wait_if_paused(&self, vcpu: &Vcpu) {
+    /// Returns whether the vCPU may still run (false once the VM is ending).
+    #[must_use]
+    pub fn wait_if_paused(&self, vcpu: &Vcpu) -> bool {
         if !self.gate.requested.load(Ordering::Acquire) {
-            return;
+            return self.running.load(Ordering::Acquire);
         }
         let mut g = lock(&self.gate.inner);
         if !g.requested {
-            return;
+            return self.running.load(Ordering::Acquire);
         }
         g.parked += 1;
         self.gate.changed.notify_all();
@@ -294,13 +305,14 @@ impl VmControl {
         }
         g.parked -= 1;
         self.gate.changed.notify_all();
+        self.running.load(Ordering::Acquire)
     }
 
     fn kick_vcpus(&self) {
         for &t in lock(&self.vcpu_threads).iter() {
-            // SAFETY: the ids belong to vCPU threads that outlive every caller (they are
-            // joined only after the VM ends, and `end` runs first); the kick signal's
-            // handler does nothing.
+            // SAFETY: the ids belong to live vCPU threads: `end` empties this list, under
+            // the lock held here, before any of them is joined; the kick signal's handler
+            // does nothing.
             unsafe { libc::pthread_kill(t, signals::vcpu_kick_signal()) };
         }
     }
@@ -317,6 +329,12 @@ impl VmControl {
                 )))
             }
         }
+        if lock(&self.vcpu_threads).is_empty() {
+            return Err(ApiError::conflict(
+                "cannot pause: the vCPUs are not running".into(),
+            ));
+        }
+        let stopping = || ApiError::conflict("cannot pause: the VM is stopping".into());
         let vcpus = self.vcpu_stats.len();
         {
             let mut g = lock(&self.gate.inner);
@@ -324,10 +342,14 @@ impl VmControl {
             self.gate.requested.store(true, Ordering::Release);
             let deadline = Instant::now() + PAUSE_TIMEOUT;
             while g.parked < vcpus {
-                if Instant::now() >= deadline || !self.running.load(Ordering::Acquire) {
+                let ending = !self.running.load(Ordering::Acquire);
+                if Instant::now() >= deadline || ending {
                     g.requested = false;
                     self.gate.requested.store(false, Ordering::Release);
                     self.gate.changed.notify_all();
+                    if ending {
+                        return Err(stopping());
+                    }
                     return Err(ApiError::internal(format!(
                         "{} of {vcpus} vCPUs did not stop within {} s",
                         vcpus - g.parked,
@@ -355,6 +377,15 @@ impl VmControl {
             }
         };
         let mut run = lock(&self.run);
+        if run.state != VmState::Running {
+            // The VM ended (or was told to stop) while the vCPUs were parking.
+            drop(run);
+            let mut g = lock(&self.gate.inner);
+            g.requested = false;
+            self.gate.requested.store(false, Ordering::Release);
+            self.gate.changed.notify_all();
+            return Err(stopping());
+        }
         run.paused_clock = clock;
         run.state = VmState::Paused;
         tracing::info!("VM paused");
@@ -364,8 +395,15 @@ impl VmControl {
     pub fn resume(&self) -> Result<VmState, ApiError> {
         let _op = lock(&self.ops);
         let mut run = lock(&self.run);
-        if run.state != VmState::Paused {
-            return Ok(run.state);
+        match run.state {
+            VmState::Paused => {}
+            VmState::Running => return Ok(VmState::Running),
+            other => {
+                return Err(ApiError::conflict(format!(
+                    "cannot resume: the VM is {}",
+                    other.as_str()
+                )))
+            }
         }
         self.resume_locked(&mut run);
         Ok(run.state)
@@ -393,8 +431,9 @@ impl VmControl {
         tracing::info!("VM resumed");
     }
 
-    /// Presses the power button and gives the guest `timeout` to power off.
-    pub fn shutdown(&self, timeout: Duration) -> Result<(), ApiError> {
+    /// Presses the power button and gives the guest `timeout` to power off; returns the time
+    /// it really has (an earlier, shorter deadline stands).
+    pub fn shutdown(&self, timeout: Duration) -> Result<Duration, ApiError> {
         if timeout > MAX_SHUTDOWN_TIMEOUT {
             return Err(ApiError::bad_request(format!(
                 "timeout_s: at most {}",
@@ -420,16 +459,21 @@ impl VmControl {
         lock(&self.power).press_power_button();
         tracing::info!(timeout_s = timeout.as_secs_f64(), "power button pressed");
         let _ = self.wake.write(1);
-        Ok(())
+        Ok(match run.request {
+            Some(HostRequest::ShutdownBy { deadline: d, .. }) => {
+                d.saturating_duration_since(Instant::now())
+            }
+            _ => Duration::ZERO,
+        })
     }
 
     pub fn stop(&self) -> Result<(), ApiError> {
         let mut run = lock(&self.run);
         run.request = Some(HostRequest::Stop);
-        if run.state == VmState::Paused {
-            // Leave the parked vCPUs to `end`; the clock no longer matters.
-            run.paused_clock = None;
-        }
+        // Parked vCPUs stay parked until `end` releases them to exit; the clock no longer
+        // matters.
+        run.paused_clock = None;
+        run.state = VmState::Stopped;
         let _ = self.wake.write(1);
         Ok(())
     }
@@ -495,7 +539,7 @@ impl VmApi for VmControl {
     fn resume(&self) -> Result<VmState, ApiError> {
         VmControl::resume(self)
     }
-    fn shutdown(&self, timeout: Duration) -> Result<(), ApiError> {
+    fn shutdown(&self, timeout: Duration) -> Result<Duration, ApiError> {
         VmControl::shutdown(self, timeout)
     }
     fn stop(&self) -> Result<(), ApiError> {

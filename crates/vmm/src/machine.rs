@@ -377,7 +377,10 @@ impl Machine {
             if let (Some(at), Some(m)) = (next_metrics, &self.metrics_file) {
                 if now >= at {
                     m.write(&self.control);
-                    next_metrics = Some(at.max(now - m.interval) + m.interval);
+                    // Keep the cadence, but after a long stall start afresh from now
+                    // rather than writing a burst of catch-up records.
+                    let next = at + m.interval;
+                    next_metrics = Some(if next <= now { now + m.interval } else { next });
                 }
             }
             let wake_at = [shutdown_by.map(|(d, _)| d), next_metrics]
@@ -486,6 +489,8 @@ impl Machine {
     }
 }
 
+const MAX_METRICS_INTERVAL: Duration = Duration::from_secs(86_400);
+
 /// `--metrics-file`: the counters as one JSON object per line, every `interval`.
 pub struct MetricsFile {
     file: Mutex<std::fs::File>,
@@ -494,14 +499,38 @@ pub struct MetricsFile {
 
 impl MetricsFile {
     fn open(path: &std::path::Path, interval: Duration) -> Result<Self, VmmError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| VmmError::MetricsFile {
+            path: path.to_path_buf(),
+            source,
+        };
+        if interval.is_zero() || interval > MAX_METRICS_INTERVAL {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the interval must be 1 s to 1 day",
+            )));
+        }
+        // Records are written from the main loop, which must never block: a FIFO or a
+        // device whose reader stalls would take signals and API stops down with it. Only a
+        // regular file will do (O_NONBLOCK so even opening a FIFO cannot hang).
+        let not_regular = || {
+            err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ))
+        };
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(not_regular());
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
-            .map_err(|source| VmmError::MetricsFile {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(err)?;
+        if !file.metadata().map_err(err)?.is_file() {
+            return Err(not_regular());
+        }
         Ok(MetricsFile {
             file: Mutex::new(file),
             interval,

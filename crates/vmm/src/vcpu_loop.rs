@@ -74,12 +74,29 @@ fn internal_error_name(suberror: u32) -> &'static str {
     }
 }
 
+/// The vCPU thread's body. A panic in it (a bug) ends the VM with a fault instead of
+/// leaving a VM whose vCPU is silently gone.
 pub(crate) fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
     let index = vcpu.index();
     ctx.stats.set_current_thread();
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&mut vcpu, &ctx)));
+    ctx.stats.clear_thread();
+    if result.is_err() {
+        ctx.outcome.report(VmOutcome::Fault(format!(
+            "vCPU {index} thread panicked (a vmon bug)"
+        )));
+    }
+}
+
+fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext) {
+    let index = vcpu.index();
     let stats = &ctx.stats;
     while ctx.running.load(Ordering::Acquire) {
-        ctx.control.wait_if_paused(&vcpu);
+        // A VM stopped while paused must not run guest code once more on the way out.
+        if !ctx.control.wait_if_paused(vcpu) {
+            break;
+        }
         let exit = vcpu.fd_mut().run();
         stats.count(match &exit {
             Ok(VcpuExit::IoIn(..)) => ExitReason::IoIn,

@@ -97,8 +97,8 @@ struct RunArgs {
     /// lines
     #[arg(long, value_name = "PATH")]
     metrics_file: Option<PathBuf>,
-    /// Seconds between --metrics-file records [default: 10]
-    #[arg(long, value_name = "SECS")]
+    /// Seconds between --metrics-file records, 1-86400 [default: 10]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     metrics_interval: Option<u64>,
     /// Command to run in the guest; its stdout becomes vmon's and its status vmon's
     #[arg(last = true, value_name = "CMD")]
@@ -137,6 +137,7 @@ Exit status:
   64     bad command line or value      65  kernel/initrd is not a valid image
   66     kernel/initrd/disk unreadable  69  KVM is missing or unusable
   70     unexpected KVM exit (VMM fault) 71 the host refused memory, threads, a tap
+  75     `vmon ctl shutdown` timed out: the guest ignored the power button and was stopped
   76     the guest crashed (triple fault or kernel panic)
   128+N  stopped by signal N (Ctrl-A x on the console counts as SIGINT)";
 

@@ -14,8 +14,10 @@ use vmon_vmm::exit_codes;
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// `vmon ctl`: the API answered with an error status.
 pub const API_REFUSED: i32 = 1;
-/// `vmon ctl`: no API answers at that socket.
+/// `vmon ctl`: nothing accepts connections at that socket.
 pub const API_UNREACHABLE: i32 = 69;
+/// `vmon ctl`: connected, but no well-formed answer came in time.
+pub const API_NO_ANSWER: i32 = 70;
 
 #[derive(Args, Debug)]
 pub struct CtlArgs {
@@ -73,12 +75,18 @@ pub fn run(args: CtlArgs) -> i32 {
         TIMEOUT,
     ) {
         Ok(r) => r,
-        Err(e) => return crate::cli::fail(e, API_UNREACHABLE),
+        Err(e @ client::ClientError::Connect { .. }) => {
+            return crate::cli::fail(e, API_UNREACHABLE)
+        }
+        Err(e) => return crate::cli::fail(e, API_NO_ANSWER),
     };
     if !response.is_success() {
-        let message = response
-            .error_message()
-            .unwrap_or_else(|| String::from_utf8_lossy(&response.body).trim().to_string());
+        // One line, whatever the body was.
+        let message = response.error_message().unwrap_or_else(|| {
+            let body = String::from_utf8_lossy(&response.body);
+            body.trim().lines().next().unwrap_or("").to_string()
+        });
+        let message = message.replace(['\n', '\r'], " ");
         return crate::cli::fail(format!("{message} (HTTP {})", response.status), API_REFUSED);
     }
     let text = if args.json || matches!(args.action, Action::Metrics) {
@@ -105,8 +113,13 @@ fn human(action: &Action, r: &ClientResponse) -> Result<String, serde_json::Erro
     Ok(match action {
         Action::Info => info_text(&serde_json::from_slice(&r.body)?),
         Action::Counters => counters_text(&serde_json::from_slice(&r.body)?),
-        Action::Shutdown { timeout } => {
-            format!("shutting down: the guest has {timeout} s to power off\n")
+        Action::Shutdown { .. } => {
+            // The VM's answer, not our request: an earlier, shorter deadline stands.
+            let v: serde_json::Value = serde_json::from_slice(&r.body)?;
+            match v["timeout_s"].as_u64() {
+                Some(t) => format!("shutting down: the guest has {t} s to power off\n"),
+                None => "shutting down\n".to_string(),
+            }
         }
         _ => {
             let v: serde_json::Value = serde_json::from_slice(&r.body)?;

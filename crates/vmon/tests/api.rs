@@ -340,8 +340,18 @@ fn a_guest_that_ignores_the_power_button_is_stopped_after_the_timeout() {
     assert_eq!(json(&body)["state"], "shutting-down");
     let (_, body) = http(&vm.socket, "GET", "/v1/vm", None);
     assert_eq!(json(&body)["state"], "shutting-down");
-    // Not pausable while shutting down.
+    // Not pausable or resumable while shutting down.
     assert_eq!(http(&vm.socket, "POST", "/v1/vm/pause", None).0, 409);
+    assert_eq!(http(&vm.socket, "POST", "/v1/vm/resume", None).0, 409);
+    // A second request cannot push the deadline out, and the answer says so.
+    let (status, body) = http(
+        &vm.socket,
+        "POST",
+        "/v1/vm/shutdown",
+        Some(r#"{"timeout_s": 60}"#),
+    );
+    assert_eq!(status, 202, "{body}");
+    assert!(json(&body)["timeout_s"].as_u64().unwrap() <= 1, "{body}");
     let out = vm.finish(Duration::from_secs(10));
     let took = t0.elapsed();
     assert_eq!(out.code(), 75, "{}", out.stderr);
@@ -480,6 +490,8 @@ fn a_spinning_guest_is_kicked_out_to_pause() {
         .read_line(&mut first)
         .unwrap();
     assert_eq!(first, "spinning\n");
+    // Let the vCPU get past its last console write and into the loop.
+    std::thread::sleep(Duration::from_millis(200));
     let t0 = Instant::now();
     let (status, body) = http(&socket, "POST", "/v1/vm/pause", None);
     let took = t0.elapsed();
@@ -534,4 +546,43 @@ fn the_log_goes_to_the_log_file_and_the_guest_output_does_not() {
         "{text}"
     );
     assert!(!text.contains('\x1b'), "no colour codes in a file: {text}");
+}
+
+#[test]
+fn metrics_options_that_would_hang_or_spin_are_refused() {
+    let dir = Scratch::new("api-metrics-bad");
+    let kernel = dir.file("g", &tg::elf64(&tg::exit_with(0), tg::DEFAULT_LOAD_ADDR));
+    let k = kernel.to_str().unwrap();
+    let m = dir.path().join("m.jsonl");
+    let out = common::run_vmon(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--metrics-file",
+            m.to_str().unwrap(),
+            "--metrics-interval",
+            "0",
+        ],
+        Duration::from_secs(20),
+    );
+    out.assert_one_line_error(64, "--metrics-interval");
+    // A FIFO nobody reads would block the main loop: refused at once, not hung on.
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = common::run_vmon(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--metrics-file",
+            fifo.to_str().unwrap(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr.contains("not a regular file"), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
 }

@@ -98,14 +98,14 @@ impl VmApi for MockVm {
         }
         Ok(*s)
     }
-    fn shutdown(&self, timeout: Duration) -> Result<(), ApiError> {
+    fn shutdown(&self, timeout: Duration) -> Result<Duration, ApiError> {
         self.log(format!("shutdown {}", timeout.as_secs()));
         let mut s = self.state.lock().unwrap();
         if *s == VmState::Stopped {
             return Err(ApiError::conflict("the VM is stopping".into()));
         }
         *s = VmState::ShuttingDown;
-        Ok(())
+        Ok(timeout)
     }
     fn stop(&self) -> Result<(), ApiError> {
         self.log("stop");
