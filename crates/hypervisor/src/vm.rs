@@ -1,7 +1,12 @@
 //! The VM: in-kernel interrupt controllers and timer, and guest memory registered as slots.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use vmon_state::Persist;
 
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -20,6 +25,8 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("saved VM state is invalid: {0}")]
+    BadState(String),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -100,5 +107,72 @@ impl Vm {
             .create_vcpu(u64::from(index))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
         Ok(Vcpu::new(fd, index))
+    }
+}
+
+/// The VM-wide state KVM keeps in the kernel: the two PICs, the IOAPIC (pins, redirection
+/// table), the PIT's channels, and kvmclock. Per-vCPU state (LAPIC included) is
+/// [`crate::vcpu::VcpuState`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, VmError> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    fd.get_irqchip(&mut chip)
+        .map_err(ioctl("KVM_GET_IRQCHIP"))?;
+    Ok(chip)
+}
+
+/// Saved with the vCPUs stopped, so the interrupt controllers and the clock agree with them.
+/// The wiring is a freshly created [`Vm`] (irqchip and PIT already present) to load it into.
+impl Persist for Vm {
+    type State = VmState;
+    type Wiring = Vm;
+    type Error = VmError;
+
+    fn save(&self) -> Result<VmState, VmError> {
+        Ok(VmState {
+            pic_master: irqchip(&self.fd, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: irqchip(&self.fd, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: irqchip(&self.fd, KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    fn restore(vm: Vm, state: &VmState) -> Result<Vm, VmError> {
+        // A chip id that does not match its slot would load one chip's registers into
+        // another; refuse instead.
+        for (chip, want) in [
+            (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != want {
+                return Err(VmError::BadState(format!(
+                    "interrupt controller {} saved as chip {}",
+                    want, chip.chip_id
+                )));
+            }
+            vm.fd.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+        }
+        vm.fd.set_pit2(&state.pit).map_err(ioctl("KVM_SET_PIT2"))?;
+        // Only the clock value: KVM_CLOCK_REALTIME would advance it by the time the snapshot
+        // spent on disk, and the guest would see its monotonic clock jump.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        vm.fd.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))?;
+        Ok(vm)
     }
 }

@@ -80,3 +80,45 @@ fn saved_vcpu_state_restores_into_a_new_vcpu() {
     let leaf1 = again.cpuid.iter().find(|e| e.function == 1).unwrap();
     assert_eq!(leaf1.ebx >> 24, 0);
 }
+
+#[test]
+fn saved_irqchip_pit_and_clock_restore_into_a_new_vm() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+    let vm = Vm::create(&hv, &memory).unwrap();
+    // Something other than the reset state: program an IOAPIC redirection entry (pin 5,
+    // vector 0x35, level-triggered) and PIT channel 0's count.
+    let mut state = vm.save().unwrap();
+    // SAFETY: kvm_irqchip's `chip` is a union; KVM filled in its IOAPIC view.
+    let ioapic = unsafe { &mut state.ioapic.chip.ioapic };
+    ioapic.redirtbl[5].bits = 0x35 | (1 << 15);
+    state.pit.channels[0].count = 0x1234;
+    let vm = Vm::restore(vm, &state).unwrap();
+    let again = vm.save().unwrap();
+    // SAFETY: as above, KVM filled in the IOAPIC view of the union.
+    let bits = unsafe { again.ioapic.chip.ioapic.redirtbl[5].bits };
+    assert_eq!(bits & 0xFFFF, 0x35 | (1 << 15));
+    assert_eq!(again.pit.channels[0].count, 0x1234);
+    // The guest clock continues from the saved value, not from the time since.
+    assert!(again.clock.clock >= state.clock.clock);
+    assert!(
+        again.clock.clock - state.clock.clock < 1_000_000_000,
+        "{} -> {}",
+        state.clock.clock,
+        again.clock.clock
+    );
+    // Through a file and back (serde), then into a second, fresh VM.
+    let json = serde_json::to_string(&again).unwrap();
+    let parsed: vmon_hypervisor::VmState = serde_json::from_str(&json).unwrap();
+    let vm2 = Vm::create(&hv, &memory).unwrap();
+    let vm2 = Vm::restore(vm2, &parsed).unwrap();
+    let third = vm2.save().unwrap();
+    // SAFETY: as above.
+    let bits = unsafe { third.ioapic.chip.ioapic.redirtbl[5].bits };
+    assert_eq!(bits & 0xFFFF, 0x35 | (1 << 15));
+    // A state whose chips are swapped is refused, not loaded into the wrong controller.
+    let mut swapped = parsed.clone();
+    std::mem::swap(&mut swapped.pic_master, &mut swapped.ioapic);
+    let vm3 = Vm::create(&hv, &memory).unwrap();
+    assert!(Vm::restore(vm3, &swapped).is_err());
+}
