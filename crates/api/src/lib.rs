@@ -27,6 +27,8 @@ mod sys;
 
 pub use client::{ClientError, ClientResponse};
 pub use http::{Request, Response};
-pub use model::{Counters, DeviceCounters, ShutdownRequest, VcpuCounters, VmInfo, VmState};
+pub use model::{
+    Counters, DeviceCounters, ShutdownRequest, SnapshotRequest, VcpuCounters, VmInfo, VmState,
+};
 pub use router::{ApiError, Router, VmApi};
 pub use server::{ApiServer, Handler, Limits, ServerError, ServerHandle, ServerStats};

@@ -115,6 +115,17 @@ fn timeout_s<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     d.deserialize_option(Seconds)
 }
 
+/// The body of `POST /v1/vm/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Directory to write the snapshot into (created if missing), on the VMM's host.
+    pub dir: std::path::PathBuf,
+    /// Stop the VM once the snapshot is written, instead of resuming it.
+    #[serde(default)]
+    pub stop: bool,
+}
+
 /// Answer to pause, resume, shutdown and stop.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionResponse {

@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::http::{Request, Response};
-use crate::model::{self, ActionResponse, Counters, ShutdownRequest, VmInfo, VmState};
+use crate::model::{
+    self, ActionResponse, Counters, ShutdownRequest, SnapshotRequest, VmInfo, VmState,
+};
 use crate::server::Handler;
 
 /// The VM as the API sees it. Calls arrive on the API thread and may block it briefly
@@ -27,6 +29,11 @@ pub trait VmApi: Send + Sync {
     /// Stops the VM without asking the guest. Returns once the request is made.
     fn stop(&self) -> Result<(), ApiError>;
     fn counters(&self) -> Counters;
+    /// Writes the VM's whole state to `request.dir`; the answer describes what was written.
+    fn snapshot(&self, request: &SnapshotRequest) -> Result<serde_json::Value, ApiError> {
+        let _ = request;
+        Err(ApiError::new(501, "this VM cannot be snapshotted".into()))
+    }
 }
 
 /// A refused or failed API call: the HTTP status to answer with and a message for a human,
@@ -81,6 +88,7 @@ enum Route {
     Resume,
     Shutdown,
     Stop,
+    Snapshot,
     Counters,
     Metrics,
 }
@@ -97,6 +105,7 @@ const ROUTES: &[(&str, Route, &[&str])] = &[
     ("/v1/vm/resume", Route::Resume, ACTION),
     ("/v1/vm/shutdown", Route::Shutdown, ACTION),
     ("/v1/vm/stop", Route::Stop, ACTION),
+    ("/v1/vm/snapshot", Route::Snapshot, ACTION),
     ("/v1/counters", Route::Counters, GET),
     ("/v1/metrics", Route::Metrics, GET),
     ("/metrics", Route::Metrics, GET),
@@ -115,7 +124,7 @@ impl<A: VmApi + ?Sized> Router<A> {
     fn route(&self, req: &Request, route: Route) -> Response {
         // Only shutdown takes a body; elsewhere a body is a client mistake worth reporting
         // rather than silently ignoring (it may be options the client thinks we honour).
-        if route != Route::Shutdown && !is_blank(&req.body) {
+        if route != Route::Shutdown && route != Route::Snapshot && !is_blank(&req.body) {
             return Response::error(
                 400,
                 format!("{} {} takes no request body", req.method, req.path),
@@ -161,6 +170,22 @@ impl<A: VmApi + ?Sized> Router<A> {
                 ),
                 Err(e) => e.response(),
             },
+            Route::Snapshot => {
+                if req.body.trim_ascii_start().first() != Some(&b'{') {
+                    return Response::error(
+                        400,
+                        "a snapshot needs a JSON object body: {\"dir\": \"/path\"}",
+                    );
+                }
+                let body: SnapshotRequest = match serde_json::from_slice(&req.body) {
+                    Ok(b) => b,
+                    Err(e) => return Response::error(400, format!("invalid request body: {e}")),
+                };
+                match self.vm.snapshot(&body) {
+                    Ok(report) => Response::json(200, &report),
+                    Err(e) => e.response(),
+                }
+            }
             Route::Counters => Response::json(200, &self.vm.counters()),
             Route::Metrics => {
                 // The state first: a VM paused between the two reads shows paused with

@@ -18,4 +18,4 @@ pub use cpuid::CpuProfile;
 pub use irq::{GsiRouting, MsiVectorGroup};
 pub use kvm::{Hypervisor, HypervisorError};
 pub use vcpu::{Vcpu, VcpuError, VcpuState};
-pub use vm::{Vm, VmError, VmState};
+pub use vm::{vm_state, Vm, VmError, VmState};

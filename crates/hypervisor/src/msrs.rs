@@ -42,6 +42,9 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     .collect()
 }
 
+/// The LAPIC timer's deadline in TSC-deadline mode.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6E0;
+
 /// MSRs captured in a vCPU's saved state besides those above.
 pub fn saved_msr_indices() -> Vec<u32> {
     let mut indices: Vec<u32> = boot_msrs().iter().map(|e| e.index).collect();
@@ -51,7 +54,7 @@ pub fn saved_msr_indices() -> Vec<u32> {
         0x4B56_4D02, // MSR_KVM_ASYNC_PF_EN
         0x4B56_4D03, // MSR_KVM_STEAL_TIME
         0x4B56_4D04, // MSR_KVM_PV_EOI_EN
-        0x6E0,       // MSR_IA32_TSC_DEADLINE
+        MSR_IA32_TSC_DEADLINE,
         0xC000_0103, // MSR_TSC_AUX
         0x1B,        // MSR_IA32_APICBASE
     ]);

@@ -63,6 +63,27 @@ impl Vcpu {
         &self.fd
     }
 
+    /// Finishes an I/O or MMIO exit KVM is still completing, without running guest code.
+    ///
+    /// KVM finishes an `in` (or MMIO read) on the *next* `KVM_RUN`, copying what userspace
+    /// put in the run area into the guest's registers; state saved before that would keep
+    /// RIP past the instruction but lose its result. `KVM_RUN` with `immediate_exit` set
+    /// completes the pending work and returns `EINTR` before entering the guest.
+    pub fn complete_pending_exit(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Ok(()) => Ok(()),
+            Err(source) => Err(VcpuError::Ioctl {
+                index: self.index,
+                what: "KVM_RUN (completing a pending exit)",
+                source,
+            }),
+        }
+    }
+
     pub fn fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
     }
@@ -365,7 +386,8 @@ impl Persist for Vcpu {
     }
 
     /// Applies `state` to a freshly created vCPU. Order matters: CPUID before MSRs (KVM
-    /// validates MSRs against CPUID), sregs before the LAPIC, events last.
+    /// validates MSRs against CPUID), sregs before the LAPIC, the TSC deadline after the
+    /// LAPIC, events last.
     fn restore(vcpu: Vcpu, state: &VcpuState) -> Result<Vcpu, VcpuError> {
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Ioctl {
             index: vcpu.index,
@@ -395,10 +417,19 @@ impl Persist for Vcpu {
         if let Some(xcrs) = &state.xcrs {
             vcpu.fd.set_xcrs(xcrs).map_err(vcpu.ioctl("KVM_SET_XCRS"))?;
         }
-        vcpu.set_msrs(&state.msrs)?;
+        // The TSC-deadline MSR only arms the LAPIC timer when the LAPIC is already in
+        // TSC-deadline mode, and counts against the guest TSC: so it goes in after the
+        // other MSRs (the TSC among them) and after the LAPIC. Set earlier it is dropped,
+        // and a restored Linux guest waits forever for its next timer tick.
+        let (deadline, others): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) = state
+            .msrs
+            .iter()
+            .partition(|m| m.index == msrs::MSR_IA32_TSC_DEADLINE);
+        vcpu.set_msrs(&others)?;
         vcpu.fd
             .set_lapic(&state.lapic)
             .map_err(vcpu.ioctl("KVM_SET_LAPIC"))?;
+        vcpu.set_msrs(&deadline)?;
         vcpu.fd
             .set_mp_state(state.mp_state)
             .map_err(vcpu.ioctl("KVM_SET_MP_STATE"))?;

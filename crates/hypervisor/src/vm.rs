@@ -122,6 +122,17 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
+/// [`Persist::save`] for whoever holds only the VM descriptor (the VMM's control block).
+pub fn vm_state(fd: &VmFd) -> Result<VmState, VmError> {
+    Ok(VmState {
+        pic_master: irqchip(fd, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(fd, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(fd, KVM_IRQCHIP_IOAPIC)?,
+        pit: fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
+        clock: fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+    })
+}
+
 fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, VmError> {
     let mut chip = kvm_irqchip {
         chip_id,
@@ -140,13 +151,7 @@ impl Persist for Vm {
     type Error = VmError;
 
     fn save(&self) -> Result<VmState, VmError> {
-        Ok(VmState {
-            pic_master: irqchip(&self.fd, KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: irqchip(&self.fd, KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: irqchip(&self.fd, KVM_IRQCHIP_IOAPIC)?,
-            pit: self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
-            clock: self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
-        })
+        vm_state(&self.fd)
     }
 
     fn restore(vm: Vm, state: &VmState) -> Result<Vm, VmError> {

@@ -3,14 +3,20 @@
 //!
 //! Guest RAM is anonymous, private, `MAP_NORESERVE` host memory (vm-memory's default for
 //! anonymous regions): nothing is allocated until the guest touches a page, so a 4 GiB guest
-//! that uses 40 MiB costs 40 MiB.
+//! that uses 40 MiB costs 40 MiB. A restored guest's RAM is instead a private mapping of its
+//! snapshot's memory file ([`file`]), just as lazy.
 
 #![deny(unsafe_code)]
 
+// mincore, madvise and lseek(SEEK_DATA) have no safe wrapper; each unsafe block says why it
+// is sound.
+#[allow(unsafe_code)]
+pub mod file;
 pub mod host;
 pub mod layout;
 pub mod size;
 
+pub use file::{restore_guest_memory, save_guest_memory, MemoryFileError, MemorySaveStats};
 pub use host::HostMemory;
 pub use layout::{E820Entry, E820Kind, MemoryLayout};
 pub use size::{MemSize, SizeError};

@@ -5,6 +5,11 @@
 //! written to a file and must be supplied again by whoever rebuilds the machine). Snapshot,
 //! restore, clone and live migration are all built from this trait, so there is exactly one
 //! serialisation path per component.
+//!
+//! [`file`] stores such state: one value per file, in a container that names its kind and
+//! format version and checksums its contents, written atomically ([`write_state`],
+//! [`read_state`]). Guest memory does not go through it; it has its own file
+//! (`vmon_memory::file`).
 
 #![deny(unsafe_code)]
 
@@ -28,4 +33,11 @@ pub trait Persist: Sized {
 }
 
 /// Version stamped into every saved state so a reader can refuse what it does not understand.
+/// It covers the container and the payloads alike: bump it when any `State` type changes in a
+/// way an older reader would misread.
 pub const STATE_FORMAT_VERSION: u32 = 1;
+
+pub mod file;
+pub mod fuzzing;
+
+pub use file::{read_state, write_state, StateFileError, MAX_STATE_PAYLOAD};

@@ -7,6 +7,12 @@
 //! read-only: writes fail with an I/O error to the guest and the file cannot change.
 //! Images are locked (shared for read-only, exclusive otherwise) so two VMs cannot write
 //! the same file by mistake.
+//!
+//! Snapshots: requests are served one at a time on the device thread, each completed in
+//! the used ring before the next is taken, and the thread looks at a stop request only
+//! between passes over the queue. So a paused device has nothing in flight. The disk
+//! itself is wiring: the restorer opens it again, and [`BlockState`] only checks that it
+//! still shows the guest the same capacity, read-only flag and serial.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -15,13 +21,18 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use virtio_queue::Queue;
 use vmon_memory::GuestMemory;
 
 use crate::chain::{self, Chain, Popped};
 use crate::metrics::{CounterSet, DeviceMetrics};
 use crate::rate_limiter::{Limits, RateLimiter};
-use crate::worker::{Wake, Worker};
-use crate::{device_id, ActivateError, Activation, VirtioDevice, COMMON_FEATURES};
+use crate::worker::{Parked, Wake, Worker};
+use crate::{
+    device_id, ActivateError, Activation, DeviceState, DeviceStateError, PauseError, VirtioDevice,
+    COMMON_FEATURES,
+};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -206,12 +217,23 @@ fn size_of_file(file: &File, path: &Path) -> io::Result<u64> {
     Ok(meta.len())
 }
 
+/// What the guest sees of a disk besides its contents: checked against the reopened disk
+/// on restore, since a driver keeps using the capacity and flags it read at probe time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub sectors: u64,
+    pub read_only: bool,
+    /// The serial as the guest reads it: up to 20 bytes, NUL-padded.
+    pub serial: Vec<u8>,
+}
+
 pub struct Block {
     disk: Option<Disk>,
     counters: Arc<CounterSet>,
     config: [u8; 60],
     features: u64,
-    worker: Option<Worker<Disk>>,
+    serial: [u8; SERIAL_LEN],
+    worker: Option<Worker<Parked<Disk>>>,
     name: String,
 }
 
@@ -236,6 +258,7 @@ impl Block {
         c[56] = 1; // write_zeroes_may_unmap
         Block {
             counters: disk.counters.clone(),
+            serial: disk.serial,
             disk: Some(disk),
             config: c,
             features,
@@ -324,14 +347,23 @@ impl VirtioDevice for Block {
                         }
                     }
                     match events.wait() {
-                        Wake::Stop => break,
+                        // Stopping here, between passes, leaves nothing in flight.
+                        Wake::Stop => {
+                            return Parked {
+                                backend: disk,
+                                queues: vec![q.queue],
+                            }
+                        }
                         Wake::Ready(t) => tokens = t,
                     }
                 }
             }
             // Keep the disk until the transport stops us, so a reset can reuse it.
             events.idle_until_stop();
-            disk
+            Parked {
+                backend: disk,
+                queues: vec![q.queue],
+            }
         })
         .map_err(ActivateError::Thread);
         match worker {
@@ -349,11 +381,70 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            self.disk = w.stop();
+            self.disk = w.stop().map(|p| p.backend);
             if self.disk.is_none() {
                 tracing::error!(disk = %self.name, "virtio-blk thread died; the disk is gone");
             }
         }
+    }
+
+    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+        let Some(w) = self.worker.take() else {
+            return Ok(Vec::new());
+        };
+        let parked = w.stop().ok_or(PauseError::ThreadDied)?;
+        self.disk = Some(parked.backend);
+        Ok(parked.queues)
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            sectors: self.sectors(),
+            read_only: self.features & F_RO != 0,
+            serial: self.serial.to_vec(),
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Block(s) = state else {
+            return Err(DeviceStateError::wrong_kind(state, "block"));
+        };
+        if s.serial.len() > SERIAL_LEN {
+            return Err(DeviceStateError::Invalid(format!(
+                "a disk serial of {} bytes (at most {SERIAL_LEN})",
+                s.serial.len()
+            )));
+        }
+        let mismatch =
+            |what: String| Err(DeviceStateError::Mismatch(format!("{}: {what}", self.name)));
+        if s.sectors != self.sectors() {
+            return mismatch(format!(
+                "the guest saw {} sectors, the disk now has {}",
+                s.sectors,
+                self.sectors()
+            ));
+        }
+        if s.read_only != (self.features & F_RO != 0) {
+            return mismatch(format!(
+                "the guest saw a {} disk, it is now opened {}",
+                if s.read_only { "read-only" } else { "writable" },
+                if s.read_only { "writable" } else { "read-only" }
+            ));
+        }
+        let mut serial = [0u8; SERIAL_LEN];
+        serial[..s.serial.len()].copy_from_slice(&s.serial);
+        if serial != self.serial {
+            return mismatch("the disk serial changed".into());
+        }
+        Ok(())
+    }
+}
+
+impl Block {
+    fn sectors(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.config[0..8]);
+        u64::from_le_bytes(b)
     }
 }
 

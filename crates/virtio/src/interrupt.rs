@@ -12,6 +12,15 @@ pub const NO_VECTOR: u16 = 0xFFFF;
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
 
+/// The values [`Interrupt::restore`] puts back.
+pub(crate) struct SavedInterrupt {
+    pub isr: u8,
+    pub generation: u8,
+    pub needs_reset: bool,
+    pub config_vector: u16,
+    pub queue_vectors: Vec<u16>,
+}
+
 pub struct Interrupt {
     msix: Arc<Mutex<Msix>>,
     isr: AtomicU8,
@@ -95,6 +104,25 @@ impl Interrupt {
 
     pub(crate) fn config_vector(&self) -> u16 {
         self.config_vector.load(Ordering::Acquire)
+    }
+
+    /// The ISR bits without clearing them (a read by the driver clears them).
+    pub(crate) fn peek_isr(&self) -> u8 {
+        self.isr.load(Ordering::Acquire)
+    }
+
+    /// Puts back saved values without raising anything: whatever the guest had been told
+    /// is already in its memory and interrupt controller.
+    pub(crate) fn restore(&self, saved: &SavedInterrupt) {
+        self.isr
+            .store(saved.isr & (ISR_QUEUE | ISR_CONFIG), Ordering::Release);
+        self.generation.store(saved.generation, Ordering::Release);
+        self.needs_reset.store(saved.needs_reset, Ordering::Release);
+        self.config_vector
+            .store(saved.config_vector, Ordering::Release);
+        for (v, &saved) in self.queue_vectors.iter().zip(&saved.queue_vectors) {
+            v.store(saved, Ordering::Release);
+        }
     }
 
     pub(crate) fn reset(&self) {

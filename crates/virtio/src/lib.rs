@@ -9,7 +9,13 @@
 //!   inside guest RAM, chains terminated, readable before writable.
 //! - [`worker`]: each active device runs its queues on its own thread, woken by the
 //!   queue eventfds and its backend's file descriptors through epoll.
-//! - Devices: [`block`], [`net`] (over a [`tap`]), [`rng`].
+//! - Devices: [`block`], [`net`] (over a [`tap`]), [`rng`], [`vsock`].
+//!
+//! Snapshots: [`transport::VirtioPci`] implements `vmon_state::Persist`. The transport
+//! first quiesces its device (the device thread stops between requests and hands back its
+//! queues with their indices final), then saves its registers, the queues, MSI-X and the
+//! device's own guest-visible state ([`DeviceState`]). Backends (disk files, taps, sockets)
+//! are wiring: the restorer opens them again and the device continues on them.
 //!
 //! Guest memory is untrusted: every access goes through vm-memory's bounds checks, and a
 //! request the device cannot make sense of fails that request (an error status to the
@@ -32,6 +38,7 @@ pub mod worker;
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 use vmon_memory::GuestMemory;
@@ -67,6 +74,10 @@ pub struct Activation {
     pub features: u64,
     pub queues: Vec<ActiveQueue>,
     pub interrupt: Arc<Interrupt>,
+    /// The queues continue where a pause (or a snapshot) left them rather than starting
+    /// fresh at the driver's DRIVER_OK: the device keeps its guest-visible state and looks
+    /// at its queues at once, since a notification may have been lost meanwhile.
+    pub resumed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +88,59 @@ pub enum ActivateError {
     BackendLost,
     #[error("starting the device thread: {0}")]
     Thread(#[source] std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    /// The device thread panicked: its queues and backend are gone.
+    #[error("the device thread died; its queues and backend are lost")]
+    ThreadDied,
+}
+
+/// A device's own guest-visible state, beyond what the transport holds. Backends are not
+/// in it: they are wiring, opened again by whoever restores the device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeviceState {
+    Block(block::BlockState),
+    Net(net::NetState),
+    Vsock(vsock::VsockState),
+    /// A device with nothing of its own to keep (virtio-rng).
+    Stateless,
+}
+
+impl DeviceState {
+    fn kind(&self) -> &'static str {
+        match self {
+            DeviceState::Block(_) => "block",
+            DeviceState::Net(_) => "net",
+            DeviceState::Vsock(_) => "vsock",
+            DeviceState::Stateless => "stateless",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceStateError {
+    #[error("the saved state is a {saved} device's, this device is {device}")]
+    WrongKind {
+        saved: &'static str,
+        device: &'static str,
+    },
+    /// The backend the restorer supplied shows the guest something else than before.
+    #[error("the new backend does not match the saved device: {0}")]
+    Mismatch(String),
+    #[error("the saved device state is invalid: {0}")]
+    Invalid(String),
+}
+
+impl DeviceStateError {
+    pub(crate) fn wrong_kind(saved: &DeviceState, device: &'static str) -> Self {
+        DeviceStateError::WrongKind {
+            saved: saved.kind(),
+            device,
+        }
+    }
 }
 
 /// A virtio device behind a transport.
@@ -99,7 +163,20 @@ pub trait VirtioDevice: Send {
     /// Starts serving the queues (the driver set DRIVER_OK).
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving the queues and drops in-flight state (the driver reset the device).
+    /// Also ends a paused device, giving its backend back for the next activation.
     fn reset(&mut self);
+    /// Stops the device thread between requests, with nothing taken from an available
+    /// ring that is not also in the used ring, and hands back the queues in the order
+    /// [`VirtioDevice::activate`] got them. Guest-visible state and the backend stay, so an
+    /// activation with [`Activation::resumed`] continues, and a reset still works. Does
+    /// nothing (and returns no queues) when the device is not running.
+    fn pause(&mut self) -> Result<Vec<Queue>, PauseError>;
+    /// The device's guest-visible state (configuration space and the like).
+    fn save_state(&self) -> DeviceState;
+    /// Applies a saved state to a device freshly built around new wiring, before it is
+    /// activated. Refuses states of another kind of device and backends that would show
+    /// the guest something different.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError>;
     /// The device's counters, shared with the management API; they outlive resets.
     fn metrics(&self) -> Arc<dyn metrics::DeviceMetrics>;
 }

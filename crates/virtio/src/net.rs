@@ -35,6 +35,11 @@
 //! honoured through virtio-queue). A malformed chain fails only that packet (length 0); a
 //! broken queue sets DEVICE_NEEDS_RESET. If the tap goes away under the VM (`ip link del`),
 //! the device reports the link down, drops what the guest sends and stops watching the tap.
+//!
+//! Snapshots: every chain taken off either queue is completed or put back before the
+//! thread looks at its events again, and a stop request is seen only there, so a paused
+//! device has nothing in flight. [`NetState`] keeps the MAC address and link status; the
+//! tap is wiring. Rate limiters start full after a pause.
 
 use std::fmt;
 use std::io;
@@ -45,6 +50,7 @@ use std::sync::Arc;
 
 use crate::metrics::DeviceMetrics;
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{Queue, QueueT};
 use vmon_memory::GuestMemory;
@@ -52,8 +58,11 @@ use vmon_memory::GuestMemory;
 use crate::chain::{self, Chain, ChainError, Popped, QueueBroken};
 use crate::interrupt::Interrupt;
 use crate::rate_limiter::{Limits, RateLimiter};
-use crate::worker::{EventLoop, Wake, Worker};
-use crate::{device_id, ActivateError, Activation, ActiveQueue, VirtioDevice, COMMON_FEATURES};
+use crate::worker::{EventLoop, Parked, Wake, Worker};
+use crate::{
+    device_id, ActivateError, Activation, ActiveQueue, DeviceState, DeviceStateError, PauseError,
+    VirtioDevice, COMMON_FEATURES,
+};
 
 /// Size of `virtio_net_hdr_v1` (with `num_buffers`): the header of every packet.
 pub const VNET_HDR_LEN: usize = 12;
@@ -302,12 +311,29 @@ fn bump(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
 
+/// What the guest sees of a network device besides its packets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// In the usual notation, `02:00:00:00:00:01`.
+    pub mac: String,
+    pub link_up: bool,
+}
+
+/// The backend as a stopped device thread leaves it.
+struct Held {
+    backend: Box<dyn Backend>,
+    /// It failed for good (see [`PacketIo::gone`]).
+    gone: bool,
+}
+
 pub struct Net {
     backend: Option<Box<dyn Backend>>,
+    /// The backend in `backend` already failed for good while the device ran on it.
+    backend_gone: bool,
     mac: MacAddr,
     link_up: Arc<AtomicBool>,
     counters: Arc<NetCounters>,
-    worker: Option<Worker<Box<dyn Backend>>>,
+    worker: Option<Worker<Parked<Held>>>,
     name: String,
     limits: Limits,
 }
@@ -322,6 +348,7 @@ impl Net {
     pub fn new(backend: Box<dyn Backend>, mac: MacAddr, name: String) -> Self {
         Net {
             backend: Some(backend),
+            backend_gone: false,
             mac,
             link_up: Arc::new(AtomicBool::new(true)),
             counters: Arc::default(),
@@ -404,7 +431,17 @@ impl VirtioDevice for Net {
                 tracing::warn!("virtio-net {}: turning offloads off: {e}", self.name);
             }
         }
-        self.link_up.store(true, Ordering::Release);
+        // A fresh activation tries the backend again with the link up. A resumed one keeps
+        // what the guest was told, unless the backend is new (a restore) and the link was
+        // down: then the driver hears the link came back.
+        let gone = a.resumed && self.backend_gone;
+        let link_came_back = a.resumed && !gone && !self.link_up.load(Ordering::Acquire);
+        if !a.resumed || link_came_back {
+            self.link_up.store(true, Ordering::Release);
+        }
+        if link_came_back {
+            a.interrupt.signal_config();
+        }
         let runner = Runner {
             rx,
             tx,
@@ -413,7 +450,7 @@ impl VirtioDevice for Net {
                 memory: a.memory,
                 counters: self.counters.clone(),
                 guest_csum: a.features & F_GUEST_CSUM != 0,
-                gone: false,
+                gone,
                 overflow: vec![0; OVERFLOW_LEN],
             },
             interrupt: a.interrupt,
@@ -440,11 +477,47 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            self.backend = w.stop();
+            self.park(w.stop());
             if self.backend.is_none() {
                 tracing::error!(net = %self.name, "virtio-net thread died; the tap is gone");
             }
         }
+    }
+
+    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+        let Some(w) = self.worker.take() else {
+            return Ok(Vec::new());
+        };
+        self.park(w.stop()).ok_or(PauseError::ThreadDied)
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Net(NetState {
+            mac: self.mac.to_string(),
+            link_up: self.link_up.load(Ordering::Acquire),
+        })
+    }
+
+    /// The saved MAC address wins over the one the device was built with: the guest's
+    /// stack (and its peers' ARP caches) know it, and a VM configured without one had a
+    /// random address that only the state remembers.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Net(s) = state else {
+            return Err(DeviceStateError::wrong_kind(state, "net"));
+        };
+        self.mac = s.mac.parse().map_err(DeviceStateError::Invalid)?;
+        self.link_up.store(s.link_up, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Net {
+    /// Takes back what a stopped thread returned; its queues, if it returned any.
+    fn park(&mut self, parked: Option<Parked<Held>>) -> Option<Vec<Queue>> {
+        let p = parked?;
+        self.backend = Some(p.backend.backend);
+        self.backend_gone = p.backend.gone;
+        Some(p.queues)
     }
 }
 
@@ -630,7 +703,17 @@ struct Runner {
 }
 
 impl Runner {
-    fn run(mut self, mut events: EventLoop) -> Box<dyn Backend> {
+    fn parked(self) -> Parked<Held> {
+        Parked {
+            backend: Held {
+                backend: self.io.backend,
+                gone: self.io.gone,
+            },
+            queues: vec![self.rx.queue, self.tx.queue],
+        }
+    }
+
+    fn run(mut self, mut events: EventLoop) -> Parked<Held> {
         let watched = events
             .add(self.rx.notify.as_raw_fd(), TOKEN_RX, false)
             .and_then(|()| events.add(self.tx.notify.as_raw_fd(), TOKEN_TX, false))
@@ -657,7 +740,8 @@ impl Runner {
                         break;
                     }
                     match events.wait() {
-                        Wake::Stop => return self.io.backend,
+                        // Between passes: every chain taken is completed or put back.
+                        Wake::Stop => return self.parked(),
                         Wake::Ready(t) => tokens = t,
                     }
                 }
@@ -666,7 +750,7 @@ impl Runner {
         // Broken: stop watching everything, but keep the backend until the transport
         // stops us, so a reset can reuse it.
         events.idle_until_stop();
-        self.io.backend
+        self.parked()
     }
 
     fn serve(&mut self, events: &EventLoop, tokens: &[u64]) -> Result<(), QueueBroken> {
@@ -1170,6 +1254,7 @@ mod tests {
                     },
                 ],
                 interrupt: interrupt.clone(),
+                resumed: false,
             })
             .unwrap();
             Harness {
@@ -1366,6 +1451,102 @@ mod tests {
         assert!(h.net.backend.is_some());
         h.net.reset(); // nothing running: nothing to do
         assert!(h.net.backend.is_some());
+    }
+
+    #[test]
+    fn pause_hands_back_the_queues_and_resume_continues() {
+        let mut h = Harness::start(FEATURES);
+        let p = packet(1, 100);
+        h.mem.write_slice(&p, GuestAddress(0x2_0000)).unwrap();
+        h.tx.offer(&h.mem, &[(0x2_0000, p.len() as u32, false)]);
+        h.tx_kick.write(1).unwrap();
+        h.tx.wait_used(&h.mem, 1);
+        let queues = h.net.pause().unwrap();
+        assert_eq!(queues.len(), 2);
+        assert_eq!((queues[TX].next_avail(), queues[TX].next_used()), (1, 1));
+        assert!(h.net.pause().unwrap().is_empty(), "nothing left running");
+        // Offered while the device was paused, without a notification.
+        h.tx.offer(&h.mem, &[(0x2_0000, p.len() as u32, false)]);
+        let queues = queues
+            .into_iter()
+            .zip([&h.rx_kick, &h.tx_kick])
+            .map(|(queue, kick)| ActiveQueue {
+                queue,
+                notify: kick.try_clone().unwrap(),
+            })
+            .collect();
+        h.net
+            .activate(Activation {
+                memory: h.mem.clone(),
+                features: FEATURES,
+                queues,
+                interrupt: h.interrupt.clone(),
+                resumed: true,
+            })
+            .unwrap();
+        h.tx.wait_used(&h.mem, 2);
+        let mut got = vec![0u8; 4096];
+        for _ in 0..2 {
+            let n = h.peer.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], &p[..]);
+        }
+        h.net.reset();
+        assert!(h.net.backend.is_some());
+    }
+
+    #[test]
+    fn state_keeps_the_mac_and_a_new_backend_brings_the_link_back() {
+        let (dev_end, _peer) = UnixDatagram::pair().unwrap();
+        let mut net = Net::new(Box::new(Pair::new(dev_end)), MacAddr::random(), "n".into());
+        let saved = DeviceState::Net(NetState {
+            mac: "52:54:00:12:34:56".into(),
+            link_up: false,
+        });
+        net.restore_state(&saved).unwrap();
+        assert_eq!(net.save_state(), saved);
+        let mut c = [0u8; 8];
+        net.read_config(0, &mut c);
+        assert_eq!(c, [0x52, 0x54, 0, 0x12, 0x34, 0x56, 0, 0]);
+        for bad in ["52:54:00:12:34", "01:00:5e:00:00:01"] {
+            let s = DeviceState::Net(NetState {
+                mac: bad.into(),
+                link_up: true,
+            });
+            assert!(matches!(
+                net.restore_state(&s),
+                Err(DeviceStateError::Invalid(_))
+            ));
+        }
+        assert!(matches!(
+            net.restore_state(&DeviceState::Stateless),
+            Err(DeviceStateError::WrongKind { .. })
+        ));
+        // Resumed on the new backend: the link the guest last saw down is up again, and
+        // the driver hears of it.
+        let mem = memory();
+        let (_, rxq) = DriverQueue::new(0, QSIZE);
+        let (_, txq) = DriverQueue::new(0x8000, QSIZE);
+        let msix = Arc::new(Mutex::new(Msix::new(3, Box::new(NoMsi))));
+        let interrupt = Arc::new(Interrupt::new(msix, 2));
+        let queues = [rxq, txq]
+            .into_iter()
+            .map(|queue| ActiveQueue {
+                queue,
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            })
+            .collect();
+        net.activate(Activation {
+            memory: mem,
+            features: FEATURES,
+            queues,
+            interrupt: interrupt.clone(),
+            resumed: true,
+        })
+        .unwrap();
+        assert_eq!(interrupt.take_isr() & 2, 2, "a configuration interrupt");
+        net.read_config(6, &mut c[..2]);
+        assert_eq!(u16::from_le_bytes([c[0], c[1]]), S_LINK_UP);
+        net.reset();
     }
 
     #[test]

@@ -1,12 +1,20 @@
 //! virtio-rng: fills the driver's buffers with bytes from the host's `getrandom(2)`.
+//!
+//! Each request is filled and completed before the next is taken, and the thread stops
+//! only between passes, so a paused device has nothing in flight and no state of its own.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
+use virtio_queue::Queue;
+
 use crate::chain::{self, QueueBroken};
 use crate::metrics::{CounterSet, DeviceMetrics};
-use crate::worker::{EventLoop, Wake, Worker};
-use crate::{device_id, ActivateError, Activation, VirtioDevice, COMMON_FEATURES};
+use crate::worker::{EventLoop, Parked, Wake, Worker};
+use crate::{
+    device_id, ActivateError, Activation, DeviceState, DeviceStateError, PauseError, VirtioDevice,
+    COMMON_FEATURES,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// Bytes served per request at most: a driver offering a huge buffer gets a full 64 KiB,
@@ -17,7 +25,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 static RNG_COUNTERS: [&str; 3] = ["requests", "bytes", "bad_chains"];
 
 pub struct Rng {
-    worker: Option<Worker<()>>,
+    worker: Option<Worker<Parked<()>>>,
     counters: Arc<CounterSet>,
 }
 
@@ -63,23 +71,30 @@ impl VirtioDevice for Rng {
         let mut q = a.queues.remove(0);
         let counters = self.counters.clone();
         let worker = Worker::spawn("virtio-rng".into(), move |mut events: EventLoop| {
-            if let Err(e) = events.add(q.notify.as_raw_fd(), 0, false) {
-                a.interrupt.fail_device(&format!("watching the queue: {e}"));
-                return;
-            }
-            loop {
-                let _ = q.notify.read();
-                match serve_counted(&mut q.queue, &a.memory, &counters) {
-                    Ok(true) => a.interrupt.signal_queue(0),
-                    Ok(false) => {}
-                    Err(e) => {
-                        a.interrupt.fail_device(&e.to_string());
+            let run = |events: &mut EventLoop, q: &mut crate::ActiveQueue| {
+                if let Err(e) = events.add(q.notify.as_raw_fd(), 0, false) {
+                    a.interrupt.fail_device(&format!("watching the queue: {e}"));
+                    return;
+                }
+                loop {
+                    let _ = q.notify.read();
+                    match serve_counted(&mut q.queue, &a.memory, &counters) {
+                        Ok(true) => a.interrupt.signal_queue(0),
+                        Ok(false) => {}
+                        Err(e) => {
+                            a.interrupt.fail_device(&e.to_string());
+                            return;
+                        }
+                    }
+                    if let Wake::Stop = events.wait() {
                         return;
                     }
                 }
-                if let Wake::Stop = events.wait() {
-                    return;
-                }
+            };
+            run(&mut events, &mut q);
+            Parked {
+                backend: (),
+                queues: vec![q.queue],
             }
         })
         .map_err(ActivateError::Thread)?;
@@ -94,6 +109,24 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
             w.stop();
+        }
+    }
+
+    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+        let Some(w) = self.worker.take() else {
+            return Ok(Vec::new());
+        };
+        w.stop().map(|p| p.queues).ok_or(PauseError::ThreadDied)
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Stateless
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        match state {
+            DeviceState::Stateless => Ok(()),
+            other => Err(DeviceStateError::wrong_kind(other, "rng")),
         }
     }
 }

@@ -22,15 +22,21 @@
 //! transport to its initial state. Anything the driver gets wrong (features it was not
 //! offered, a queue size that is not a power of two, rings outside RAM) leaves the device
 //! inactive with DEVICE_NEEDS_RESET set, as the spec asks.
+//!
+//! For snapshots ([`persist`]) the transport can also park a running device:
+//! [`VirtioPci::quiesce`] stops the device thread between requests and takes its queues
+//! back, [`VirtioPci::resume`] hands them out again. A restored transport starts parked.
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+pub mod persist;
+
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmon_devices::bus::{lock, BusDevice};
 use vmon_devices::pci::config::{ConfigSpace, PciIds, COMMAND_MEMORY};
-use vmon_devices::pci::msix::{self, MsiVectors, Msix};
+use vmon_devices::pci::msix::{self, MsiMessage, MsiVectors, Msix};
 use vmon_devices::pci::PciDevice;
 use vmon_memory::GuestMemory;
 
@@ -70,27 +76,28 @@ pub mod status {
     pub const FAILED: u8 = 0x80;
 }
 
-#[derive(Clone, Copy, Debug)]
-struct QueueConfig {
-    max: u16,
-    size: u16,
-    enabled: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
+/// A queue's registers as the driver left them, in virtio-queue's own state type: `ready`
+/// is queue_enable, and the indices are where the device stopped when it was last parked
+/// (zero before the first activation). `size` holds whatever the driver wrote: it is
+/// checked only at DRIVER_OK, so a bad size reads back as written and then needs a reset.
+fn fresh_queue(max_size: u16) -> QueueState {
+    QueueState {
+        max_size,
+        size: max_size,
+        ..QueueState::default()
+    }
 }
 
-impl QueueConfig {
-    fn new(max: u16) -> Self {
-        QueueConfig {
-            max,
-            size: max,
-            enabled: false,
-            desc: 0,
-            driver: 0,
-            device: 0,
-        }
-    }
+/// Whether the device is serving its queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Run {
+    /// Not activated: the driver has not set DRIVER_OK since the last reset.
+    Inactive,
+    /// The device thread owns the queues.
+    Running,
+    /// Activated, but the queues are back with the transport: quiesced for a snapshot,
+    /// restored and not resumed yet, or needing a reset.
+    Parked,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,12 +118,14 @@ pub struct VirtioPci {
     memory: GuestMemory,
     bar: u64,
     status: u8,
-    active: bool,
+    run: Run,
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
     queue_select: u16,
-    queues: Vec<QueueConfig>,
+    queues: Vec<QueueState>,
+    /// Which queues the device got, in the order it got them (only enabled queues go).
+    handed: Vec<usize>,
     notify: Vec<EventFd>,
     warned_bar_moved: bool,
 }
@@ -129,13 +138,21 @@ impl VirtioPci {
         bar: u64,
         vectors: Box<dyn MsiVectors>,
     ) -> Result<Self, TransportError> {
-        let queues: Vec<QueueConfig> = device
+        let msix = Msix::new(msix_vectors_for(device.as_ref()), vectors);
+        Self::build(device, memory, bar, msix)
+    }
+
+    fn build(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemory,
+        bar: u64,
+        msix: Msix,
+    ) -> Result<Self, TransportError> {
+        let queues: Vec<QueueState> = device
             .queue_max_sizes()
             .iter()
-            .map(|&m| QueueConfig::new(m))
+            .map(|&m| fresh_queue(m))
             .collect();
-        // One vector per queue plus one for configuration changes.
-        let msix = Msix::new(queues.len() as u16 + 1, vectors);
         let mut config = ConfigSpace::new(PciIds {
             vendor: VIRTIO_VENDOR,
             device: MODERN_DEVICE_BASE + device.device_type(),
@@ -187,15 +204,104 @@ impl VirtioPci {
             memory,
             bar,
             status: 0,
-            active: false,
+            run: Run::Inactive,
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
             queue_select: 0,
             queues,
+            handed: Vec::new(),
             notify,
             warned_bar_moved: false,
         })
+    }
+
+    /// Where the VMM placed BAR0 (its size is [`BAR_SIZE`]).
+    pub fn bar(&self) -> u64 {
+        self.bar
+    }
+
+    /// The MSI messages of every vector the guest has unmasked, for a restorer that routes
+    /// them before the guest runs. Routes are also made on demand by the first interrupt
+    /// on a vector, so this is an optimisation, not a requirement.
+    pub fn msix_routes(&self) -> Vec<(u16, MsiMessage)> {
+        lock(&self.msix).routes()
+    }
+
+    /// Whether the device thread is running (the driver set DRIVER_OK, and the device is
+    /// neither quiesced nor waiting for a reset).
+    pub fn is_running(&self) -> bool {
+        self.run == Run::Running
+    }
+
+    /// Stops the device thread at a request boundary and takes its queues back, with
+    /// their indices final: every chain the device took from an available ring is in the
+    /// used ring. Guest-visible state is untouched, the backend stays with the device, and
+    /// [`VirtioPci::resume`] continues. Call with the vCPUs paused, so the driver adds
+    /// nothing meanwhile. Does nothing unless the device is running. A device whose thread
+    /// died is marked DEVICE_NEEDS_RESET (its queues are lost) and stays parked.
+    pub fn quiesce(&mut self) {
+        if self.run != Run::Running {
+            return;
+        }
+        self.run = Run::Parked;
+        let queues = match self.device.pause() {
+            Ok(q) => q,
+            Err(e) => {
+                self.interrupt.fail_device(&e.to_string());
+                return;
+            }
+        };
+        if queues.len() != self.handed.len() {
+            self.interrupt.fail_device(&format!(
+                "the device returned {} queues, it had {}",
+                queues.len(),
+                self.handed.len()
+            ));
+            return;
+        }
+        for (&i, q) in self.handed.iter().zip(&queues) {
+            if let Some(slot) = self.queues.get_mut(i) {
+                *slot = q.state();
+            }
+        }
+    }
+
+    /// Starts a parked device again: after [`VirtioPci::quiesce`], or after a restore once
+    /// the VMM has put back everything interrupts depend on (vCPU and interrupt-controller
+    /// state, MSI routes, ioeventfds). The device looks at every queue at once, since a
+    /// notification may have been lost while it was stopped, and each queue whose used
+    /// ring went further than the driver said it had seen gets one interrupt, in case the
+    /// one raised before the snapshot was lost. Does nothing unless the device is parked
+    /// and healthy; a queue that does not hold up against guest memory sets
+    /// DEVICE_NEEDS_RESET instead.
+    pub fn resume(&mut self) {
+        if self.run != Run::Parked || self.interrupt.needs_reset() {
+            return;
+        }
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut wake = Vec::new();
+        for &i in &self.handed {
+            let Some(state) = self.queues.get(i) else {
+                continue;
+            };
+            match check_resumed_queue(state, event_idx, &self.memory) {
+                Ok(signal) => {
+                    if signal {
+                        wake.push(i);
+                    }
+                }
+                Err(why) => {
+                    self.interrupt.fail_device(&format!("queue {i}: {why}"));
+                    return;
+                }
+            }
+        }
+        if self.start(true) {
+            for i in wake {
+                self.interrupt.signal_queue(i);
+            }
+        }
     }
 
     /// Guest-physical addresses of the queue notify registers with the eventfd each should
@@ -226,7 +332,7 @@ impl VirtioPci {
         self.device.features() | VIRTIO_F_VERSION_1
     }
 
-    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+    fn selected_queue(&mut self) -> Option<&mut QueueState> {
         self.queues.get_mut(usize::from(self.queue_select))
     }
 
@@ -267,18 +373,18 @@ impl VirtioPci {
                 },
                 2,
             ),
-            0x1C => (q.map_or(0, |q| u64::from(q.enabled)), 2),
+            0x1C => (q.map_or(0, |q| u64::from(q.ready)), 2),
             0x1E => (q.map_or(0, |_| qsel as u64), 2),
             0x20 | 0x24 => (
-                q.map_or(0, |q| q.desc) >> ((offset - 0x20) * 8),
+                q.map_or(0, |q| q.desc_table) >> ((offset - 0x20) * 8),
                 8 - (offset - 0x20),
             ),
             0x28 | 0x2C => (
-                q.map_or(0, |q| q.driver) >> ((offset - 0x28) * 8),
+                q.map_or(0, |q| q.avail_ring) >> ((offset - 0x28) * 8),
                 8 - (offset - 0x28),
             ),
             0x30 | 0x34 => (
-                q.map_or(0, |q| q.device) >> ((offset - 0x30) * 8),
+                q.map_or(0, |q| q.used_ring) >> ((offset - 0x30) * 8),
                 8 - (offset - 0x30),
             ),
             _ => (0, 8),
@@ -331,7 +437,7 @@ impl VirtioPci {
                 tracing::debug!(offset, "queue configuration write after DRIVER_OK ignored");
             }
             (0x18, 2) => {
-                if let Some(q) = self.selected_queue().filter(|q| !q.enabled) {
+                if let Some(q) = self.selected_queue().filter(|q| !q.ready) {
                     // Checked when the driver sets DRIVER_OK: a bad size then needs a reset.
                     q.size = value as u16;
                 }
@@ -340,18 +446,18 @@ impl VirtioPci {
                 if let Some(q) = self.selected_queue() {
                     // Only enabling is defined; disabling takes a device reset.
                     if value == 1 {
-                        q.enabled = true;
+                        q.ready = true;
                     }
                 }
             }
             (0x20..=0x37, 4 | 8) if offset.is_multiple_of(4) => {
-                let Some(q) = self.selected_queue().filter(|q| !q.enabled) else {
+                let Some(q) = self.selected_queue().filter(|q| !q.ready) else {
                     return;
                 };
                 let field = match offset & !7 {
-                    0x20 => &mut q.desc,
-                    0x28 => &mut q.driver,
-                    _ => &mut q.device,
+                    0x20 => &mut q.desc_table,
+                    0x28 => &mut q.avail_ring,
+                    _ => &mut q.used_ring,
                 };
                 if data.len() == 8 {
                     *field = value;
@@ -398,7 +504,7 @@ impl VirtioPci {
             }
         }
         self.status |= value;
-        if new & status::DRIVER_OK != 0 && !self.active {
+        if new & status::DRIVER_OK != 0 && self.run == Run::Inactive {
             if self.status & status::FEATURES_OK == 0 {
                 self.interrupt.fail_device("DRIVER_OK without FEATURES_OK");
                 return;
@@ -409,24 +515,44 @@ impl VirtioPci {
 
     fn activate(&mut self) {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let mut active = Vec::with_capacity(self.queues.len());
-        for (i, c) in self.queues.iter().enumerate() {
-            if !c.enabled {
-                continue;
+        self.handed.clear();
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if q.ready {
+                q.event_idx_enabled = event_idx;
+                q.next_avail = 0;
+                q.next_used = 0;
+                self.handed.push(i);
             }
-            let queue = match build_queue(c, event_idx, &self.memory) {
+        }
+        self.start(false);
+    }
+
+    /// Hands the queues in `handed` to the device and starts it; false (and
+    /// DEVICE_NEEDS_RESET) if a queue or the device refuses.
+    fn start(&mut self, resumed: bool) -> bool {
+        let mut active = Vec::with_capacity(self.handed.len());
+        for &i in &self.handed {
+            let Some(c) = self.queues.get(i) else {
+                continue;
+            };
+            let queue = match build_queue(c, &self.memory) {
                 Ok(q) => q,
                 Err(why) => {
                     self.interrupt.fail_device(&format!("queue {i}: {why}"));
-                    return;
+                    return false;
                 }
             };
-            let notify = match self.notify[i].try_clone() {
-                Ok(e) => e,
-                Err(e) => {
+            let notify = match self.notify.get(i).map(EventFd::try_clone) {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => {
                     self.interrupt
                         .fail_device(&format!("queue {i} eventfd: {e}"));
-                    return;
+                    return false;
+                }
+                None => {
+                    self.interrupt
+                        .fail_device(&format!("queue {i}: no eventfd"));
+                    return false;
                 }
             };
             active.push(ActiveQueue { queue, notify });
@@ -436,27 +562,34 @@ impl VirtioPci {
             features: self.driver_features,
             queues: active,
             interrupt: self.interrupt.clone(),
+            resumed,
         };
         match self.device.activate(activation) {
-            Ok(()) => self.active = true,
-            Err(e) => self
-                .interrupt
-                .fail_device(&format!("activation failed: {e}")),
+            Ok(()) => {
+                self.run = Run::Running;
+                true
+            }
+            Err(e) => {
+                self.interrupt
+                    .fail_device(&format!("activation failed: {e}"));
+                false
+            }
         }
     }
 
     fn reset(&mut self) {
-        if self.active {
+        if self.run != Run::Inactive {
             self.device.reset();
-            self.active = false;
+            self.run = Run::Inactive;
         }
+        self.handed.clear();
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.queue_select = 0;
         for q in &mut self.queues {
-            *q = QueueConfig::new(q.max);
+            *q = fresh_queue(q.max_size);
         }
         for e in &self.notify {
             let _ = e.read();
@@ -513,30 +646,88 @@ impl VirtioPci {
     }
 }
 
-fn build_queue(c: &QueueConfig, event_idx: bool, mem: &GuestMemory) -> Result<Queue, String> {
-    if c.size == 0 || c.size > c.max || !c.size.is_power_of_two() {
+/// One vector per queue plus one for configuration changes.
+fn msix_vectors_for(device: &dyn VirtioDevice) -> u16 {
+    u16::try_from(device.queue_max_sizes().len())
+        .unwrap_or(u16::MAX)
+        .saturating_add(1)
+}
+
+/// The queue the registers describe, checked against guest memory.
+fn build_queue(c: &QueueState, mem: &GuestMemory) -> Result<Queue, String> {
+    if c.size == 0 || c.size > c.max_size || !c.size.is_power_of_two() {
         return Err(format!(
             "size {} (must be a power of two up to {})",
-            c.size, c.max
+            c.size, c.max_size
         ));
     }
-    let mut q = Queue::new(c.max).map_err(|e| e.to_string())?;
-    q.try_set_size(c.size).map_err(|e| e.to_string())?;
-    q.try_set_desc_table_address(GuestAddress(c.desc))
-        .map_err(|e| format!("descriptor table {:#x}: {e}", c.desc))?;
-    q.try_set_avail_ring_address(GuestAddress(c.driver))
-        .map_err(|e| format!("available ring {:#x}: {e}", c.driver))?;
-    q.try_set_used_ring_address(GuestAddress(c.device))
-        .map_err(|e| format!("used ring {:#x}: {e}", c.device))?;
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
+    let q = Queue::try_from(QueueState { ready: true, ..*c }).map_err(|e| {
+        format!(
+            "rings at {:#x}/{:#x}/{:#x}: {e}",
+            c.desc_table, c.avail_ring, c.used_ring
+        )
+    })?;
     if !q.is_valid(mem) {
         return Err(format!(
             "rings at {:#x}/{:#x}/{:#x} are not inside guest RAM",
-            c.desc, c.driver, c.device
+            c.desc_table, c.avail_ring, c.used_ring
         ));
     }
     Ok(q)
+}
+
+/// Checks a queue a parked device is about to continue on against guest memory, and says
+/// whether the driver should get an interrupt for it.
+///
+/// The device parks only with every chain it took also used, so the indices must agree
+/// with each other and with the rings: nothing in flight, the used index in memory where
+/// the device left it, and no more chains offered than the queue holds. With EVENT_IDX the
+/// driver's used_event says how far it has looked: it wants an interrupt if the device
+/// went past that. Without it there is no telling, and a spurious interrupt costs the
+/// driver one look at the used ring.
+fn check_resumed_queue(c: &QueueState, event_idx: bool, mem: &GuestMemory) -> Result<bool, String> {
+    let q = build_queue(c, mem)?;
+    if c.next_avail != c.next_used {
+        return Err(format!(
+            "{} chains in flight (next_avail {}, next_used {}); a parked device has none",
+            c.next_avail.wrapping_sub(c.next_used),
+            c.next_avail,
+            c.next_used
+        ));
+    }
+    if c.event_idx_enabled != event_idx {
+        return Err("EVENT_IDX differs from the negotiated features".into());
+    }
+    let ring_u16 = |addr: u64| -> Result<u16, String> {
+        mem.read_obj::<u16>(GuestAddress(addr))
+            .map(u16::from_le)
+            .map_err(|e| format!("reading {addr:#x}: {e}"))
+    };
+    let used_idx = ring_u16(c.used_ring.saturating_add(2))?;
+    if used_idx != c.next_used {
+        return Err(format!(
+            "the used ring's index is {used_idx}, the device left it at {}",
+            c.next_used
+        ));
+    }
+    let avail_idx = ring_u16(c.avail_ring.saturating_add(2))?;
+    if avail_idx.wrapping_sub(c.next_avail) > q.size() {
+        return Err(format!(
+            "the available index {avail_idx} is more than {} past the device's {}",
+            q.size(),
+            c.next_avail
+        ));
+    }
+    if !event_idx {
+        return Ok(true);
+    }
+    // used_event follows the available ring's entries.
+    let used_event = ring_u16(
+        c.avail_ring
+            .saturating_add(4)
+            .saturating_add(2 * u64::from(q.size())),
+    )?;
+    Ok(used_event != c.next_used)
 }
 
 /// The body of a `virtio_pci_cap` after its ID and next bytes.
@@ -552,7 +743,7 @@ fn virtio_cap(kind: u8, offset: u32, length: u32, extra: u8) -> [u8; 18] {
 
 impl Drop for VirtioPci {
     fn drop(&mut self) {
-        if self.active {
+        if self.run != Run::Inactive {
             self.device.reset();
         }
     }
@@ -653,6 +844,15 @@ mod tests {
             }
         }
         fn reset(&mut self) {}
+        fn pause(&mut self) -> Result<Vec<Queue>, crate::PauseError> {
+            Ok(Vec::new())
+        }
+        fn save_state(&self) -> crate::DeviceState {
+            crate::DeviceState::Stateless
+        }
+        fn restore_state(&mut self, _: &crate::DeviceState) -> Result<(), crate::DeviceStateError> {
+            Ok(())
+        }
         fn metrics(&self) -> std::sync::Arc<dyn crate::metrics::DeviceMetrics> {
             crate::metrics::CounterSet::new(&[])
         }

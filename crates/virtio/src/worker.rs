@@ -9,8 +9,18 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What a device thread hands back when it stops: its backend, and its queues as it left
+/// them. Device loops look at the stop request only between passes over their queues, and
+/// every pass completes (or puts back) each chain it takes, so the queues' indices are
+/// final: a snapshot taken now loses nothing in flight and repeats nothing.
+pub struct Parked<B> {
+    pub backend: B,
+    pub queues: Vec<Queue>,
+}
 
 /// The token reserved for the stop eventfd.
 const STOP: u64 = u64::MAX;

@@ -15,6 +15,7 @@
 //! `hwclock --hctosys` fixes it.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -26,10 +27,22 @@ use vmon_api::model::{Counters, DeviceCounters, VcpuCounters, VmInfo, VmState};
 use vmon_api::router::{ApiError, VmApi};
 use vmon_devices::bus::lock;
 use vmon_devices::legacy::power::PmControl;
-use vmon_hypervisor::Vcpu;
+use vmon_hypervisor::{Vcpu, VcpuState};
+use vmon_state::Persist;
 use vmon_virtio::metrics::DeviceMetrics;
 
 use crate::signals;
+use crate::snapshot::{MachineSnapshot, SnapshotSources, MEMORY_FILE, STATE_FILE, STATE_KIND};
+
+/// What a snapshot wrote and how long the guest was paused for it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SnapshotReport {
+    pub dir: std::path::PathBuf,
+    pub memory_bytes_written: u64,
+    pub state_bytes: u64,
+    pub paused_ms: f64,
+    pub stopped: bool,
+}
 
 /// How long `pause` waits for every vCPU to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -165,6 +178,10 @@ struct PauseGate {
 struct GateState {
     requested: bool,
     parked: usize,
+    /// Bumped to ask every parked vCPU for its state: a vCPU belongs to its thread, so the
+    /// thread saves itself (KVM_GET_* on a stopped vCPU) and leaves the result here.
+    save_generation: u64,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// What the host asked the main loop to do.
@@ -186,6 +203,7 @@ struct RunState {
 }
 
 pub struct VmControl {
+    sources: SnapshotSources,
     vm: Arc<VmFd>,
     started: Instant,
     vcpu_stats: Vec<Arc<VcpuStats>>,
@@ -210,6 +228,7 @@ pub struct VmControl {
 }
 
 pub struct ControlParts {
+    pub snapshot: SnapshotSources,
     pub vm: Arc<VmFd>,
     pub vcpus: usize,
     pub devices: Vec<DeviceEntry>,
@@ -221,6 +240,7 @@ pub struct ControlParts {
 impl VmControl {
     pub fn new(parts: ControlParts) -> std::io::Result<Self> {
         Ok(VmControl {
+            sources: parts.snapshot,
             vm: parts.vm,
             started: Instant::now(),
             vcpu_stats: (0..parts.vcpus).map(|_| Arc::default()).collect(),
@@ -286,7 +306,7 @@ impl VmControl {
     /// Called by each vCPU thread before it enters the guest: parks while a pause is asked.
     /// Returns whether the vCPU may still run (false once the VM is ending).
     #[must_use]
-    pub fn wait_if_paused(&self, vcpu: &Vcpu) -> bool {
+    pub fn wait_if_paused(&self, vcpu: &mut Vcpu) -> bool {
         if !self.gate.requested.load(Ordering::Acquire) {
             return self.running.load(Ordering::Acquire);
         }
@@ -294,18 +314,154 @@ impl VmControl {
         if !g.requested {
             return self.running.load(Ordering::Acquire);
         }
+        // Before reporting parked: a pause is where snapshots are taken, and the state must
+        // include the result of the exit this thread just handled.
+        if let Err(e) = vcpu.complete_pending_exit() {
+            tracing::warn!("vCPU {}: {e}", vcpu.index());
+        }
         g.parked += 1;
         self.gate.changed.notify_all();
         // Tells the guest (through kvmclock's PVCLOCK_GUEST_STOPPED) that the host stopped
         // it, so its soft-lockup watchdog does not blame itself. Fails harmlessly when the
         // guest does not use kvmclock.
         let _ = vcpu.fd().kvmclock_ctrl();
+        let mut seen = g.save_generation;
         while g.requested && self.running.load(Ordering::Acquire) {
+            if g.save_generation != seen {
+                seen = g.save_generation;
+                let state = vcpu.save().map_err(|e| e.to_string());
+                if let Some(slot) = g.saved.get_mut(vcpu.index() as usize) {
+                    *slot = Some(state);
+                }
+                self.gate.changed.notify_all();
+                continue;
+            }
             g = self.gate.changed.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         g.parked -= 1;
         self.gate.changed.notify_all();
         self.running.load(Ordering::Acquire)
+    }
+
+    /// Writes the whole machine to `dir` (created if missing): pauses it if it runs, saves
+    /// every vCPU, the in-kernel irqchip/PIT/clock, every device and guest memory, then
+    /// resumes it, or stops it when `stop_after`.
+    pub fn snapshot(&self, dir: &Path, stop_after: bool) -> Result<SnapshotReport, ApiError> {
+        let started = Instant::now();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ApiError::bad_request(format!("cannot create {}: {e}", dir.display())))?;
+        let was_running = match self.state() {
+            VmState::Running => {
+                self.pause()?;
+                true
+            }
+            VmState::Paused => false,
+            other => {
+                return Err(ApiError::conflict(format!(
+                    "cannot snapshot: the VM is {}",
+                    other.as_str()
+                )))
+            }
+        };
+        // Device threads stop between requests, so every request taken from a ring is
+        // completed (or put back) and the rings' indices are final.
+        for f in &self.sources.virtio {
+            lock(f).quiesce();
+        }
+        let result = self.write_snapshot(dir);
+        if !(stop_after && result.is_ok()) {
+            for f in &self.sources.virtio {
+                lock(f).resume();
+            }
+        }
+        let paused_for = started.elapsed();
+        if stop_after && result.is_ok() {
+            self.stop()?;
+        } else if was_running {
+            self.resume()?;
+        }
+        let (memory_bytes_written, state_bytes) = result?;
+        Ok(SnapshotReport {
+            dir: dir.to_path_buf(),
+            memory_bytes_written,
+            state_bytes,
+            paused_ms: paused_for.as_secs_f64() * 1000.0,
+            stopped: stop_after,
+        })
+    }
+
+    fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64), ApiError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            ApiError::internal(format!("snapshot: {what}: {e}"))
+        };
+        let vcpus = self.save_vcpus()?;
+        let vm = vmon_hypervisor::vm_state(&self.vm).map_err(|e| fail("VM state", &e))?;
+        let s = &self.sources;
+        let snapshot = MachineSnapshot {
+            config: self.config.clone(),
+            memory_bytes: self.memory_mib << 20,
+            vm,
+            vcpus,
+            com1: lock(&s.com1).save().map_err(|e| fail("COM1", &e))?,
+            com2: lock(&s.com2).save().map_err(|e| fail("COM2", &e))?,
+            i8042: lock(&s.i8042).save().map_err(|e| fail("i8042", &e))?,
+            rtc: lock(&s.rtc).save().map_err(|e| fail("RTC", &e))?,
+            pm: lock(&s.pm).save().map_err(|e| fail("ACPI PM", &e))?,
+            pci: match lock(&s.pci).save() {
+                Ok(p) => p,
+                Err(never) => match never {},
+            },
+            virtio: s
+                .virtio
+                .iter()
+                .map(|f| lock(f).save())
+                .collect::<Result<_, _>>()
+                .map_err(|e| fail("virtio device", &e))?,
+        };
+        let memory = vmon_memory::save_guest_memory(&s.memory, &dir.join(MEMORY_FILE))
+            .map_err(|e| fail("guest memory", &e))?;
+        // The state file last: a directory with a state file has a complete memory file.
+        let state_path = dir.join(STATE_FILE);
+        vmon_state::file::write_state(&state_path, STATE_KIND, &snapshot)
+            .map_err(|e| fail("state file", &e))?;
+        let state_bytes = std::fs::metadata(&state_path).map_or(0, |m| m.len());
+        Ok((memory.bytes_written, state_bytes))
+    }
+
+    /// Every vCPU's state, from a paused VM (each parked vCPU thread saves its own).
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, ApiError> {
+        if self.state() != VmState::Paused {
+            return Err(ApiError::conflict("the VM must be paused".into()));
+        }
+        let n = self.vcpu_stats.len();
+        let mut g = lock(&self.gate.inner);
+        g.saved = (0..n).map(|_| None).collect();
+        g.save_generation += 1;
+        self.gate.changed.notify_all();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while g.saved.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !self.running.load(Ordering::Acquire) {
+                return Err(ApiError::internal(
+                    "the vCPUs did not report their state".into(),
+                ));
+            }
+            g = self
+                .gate
+                .changed
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        std::mem::take(&mut g.saved)
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(e)) => Err(ApiError::internal(format!("saving vCPU {i}: {e}"))),
+                None => Err(ApiError::internal(format!("vCPU {i} did not report"))),
+            })
+            .collect()
     }
 
     fn kick_vcpus(&self) {
@@ -547,6 +703,13 @@ impl VmApi for VmControl {
     }
     fn counters(&self) -> Counters {
         VmControl::counters(self)
+    }
+    fn snapshot(
+        &self,
+        request: &vmon_api::model::SnapshotRequest,
+    ) -> Result<serde_json::Value, ApiError> {
+        let report = VmControl::snapshot(self, &request.dir, request.stop)?;
+        serde_json::to_value(report).map_err(|e| ApiError::internal(e.to_string()))
     }
 }
 

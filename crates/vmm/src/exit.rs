@@ -138,6 +138,8 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Snapshot(String),
     #[error("{what}: {source}")]
     Host {
         what: &'static str,
@@ -194,6 +196,7 @@ impl VmmError {
                 NO_INPUT
             }
             VmmError::MetricsFile { .. } => HOST_RESOURCES,
+            VmmError::Snapshot(_) => USAGE,
             VmmError::Disk(e) => match e {
                 vmon_virtio::block::DiskError::Open { source, .. }
                     if source.kind() == std::io::ErrorKind::NotFound

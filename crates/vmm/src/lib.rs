@@ -14,6 +14,7 @@ pub mod exit;
 pub mod machine;
 mod pci_devices;
 mod signals;
+pub mod snapshot;
 pub mod terminal;
 mod vcpu_loop;
 

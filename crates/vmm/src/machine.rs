@@ -39,8 +39,10 @@ use crate::control::{ControlParts, DeviceEntry, HostRequest, VmControl};
 use crate::exit::{VmOutcome, VmmError};
 use crate::pci_devices::PciSpace;
 use crate::signals::{self, StopSignals};
+use crate::snapshot::{MachineSnapshot, SnapshotSources};
 use crate::terminal::RawTerminal;
 use crate::vcpu_loop::{self, OutcomeSlot, VcpuContext};
+use vmon_state::Persist;
 
 /// ISA IRQ of the i8042 keyboard port.
 const I8042_IRQ: u32 = 1;
@@ -88,9 +90,33 @@ fn host(what: &'static str) -> impl FnOnce(io::Error) -> VmmError {
     move |source| VmmError::Host { what, source }
 }
 
+/// How a machine gets its first state: a fresh boot, or a snapshot.
+enum Start<'a> {
+    Boot,
+    Restore {
+        snapshot: &'a MachineSnapshot,
+        memory: GuestMemory,
+    },
+}
+
 impl Machine {
     /// Creates the VM, loads the guest and wires the devices; nothing runs yet.
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        Self::build(config, Start::Boot)
+    }
+
+    /// Rebuilds a machine from a snapshot: `memory` is the snapshot's guest RAM (mapped
+    /// copy-on-write), every vCPU and device gets its saved state, nothing is loaded or
+    /// booted. Nothing runs yet.
+    pub fn restore(
+        config: &VmConfig,
+        snapshot: &MachineSnapshot,
+        memory: GuestMemory,
+    ) -> Result<Self, VmmError> {
+        Self::build(config, Start::Restore { snapshot, memory })
+    }
+
+    fn build(config: &VmConfig, start: Start) -> Result<Self, VmmError> {
         // Everything that can be judged from the configuration alone is, before KVM is
         // opened or memory mapped: a typo gets its own message, not a KVM error.
         if config.cpus == 0 {
@@ -106,9 +132,11 @@ impl Machine {
                 });
             }
         }
-        vmon_boot::kernel::check(&config.kernel)?;
-        if let Some(initrd) = &config.initrd {
-            vmon_boot::initrd::check(initrd)?;
+        if let Start::Boot = start {
+            vmon_boot::kernel::check(&config.kernel)?;
+            if let Some(initrd) = &config.initrd {
+                vmon_boot::initrd::check(initrd)?;
+            }
         }
         let disks = config
             .disks
@@ -134,31 +162,44 @@ impl Machine {
             });
         }
         layout.check_physical_limit(hypervisor.guest_phys_bits())?;
-        let memory = create_guest_memory(&layout).map_err(VmmError::MapMemory)?;
+        let (memory, saved) = match start {
+            Start::Boot => (
+                create_guest_memory(&layout).map_err(VmmError::MapMemory)?,
+                None,
+            ),
+            Start::Restore { snapshot, memory } => {
+                snapshot.check_fits(config)?;
+                (memory, Some(snapshot))
+            }
+        };
         let vm = Vm::create(&hypervisor, &memory)?;
 
         let supported = hypervisor.supported_cpuid();
         let leaf1 = supported.as_slice().iter().find(|e| e.function == 1);
-        let boot = vmon_boot::prepare(
-            &memory,
-            &layout,
-            &BootSpec {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
-                cpus: config.cpus,
-                cpu_signature: CpuSignature {
-                    signature: leaf1.map_or(0, |e| e.eax),
-                    features: leaf1.map_or(0, |e| e.edx),
+        // A restored guest has its kernel, tables and everything else in its memory already.
+        let boot = match saved {
+            Some(_) => None,
+            None => Some(vmon_boot::prepare(
+                &memory,
+                &layout,
+                &BootSpec {
+                    kernel: &config.kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &config.cmdline,
+                    cpus: config.cpus,
+                    cpu_signature: CpuSignature {
+                        signature: leaf1.map_or(0, |e| e.eax),
+                        features: leaf1.map_or(0, |e| e.edx),
+                    },
+                    pm: PmRegisters {
+                        pm1a_event_port: power::PM_PORTS.0,
+                        pm1a_control_port: power::PM_PORTS.0 + power::PM1A_CONTROL_OFFSET,
+                        sci_irq: power::SCI_IRQ,
+                        s5_type: power::S5_SLEEP_TYPE,
+                    },
                 },
-                pm: PmRegisters {
-                    pm1a_event_port: power::PM_PORTS.0,
-                    pm1a_control_port: power::PM_PORTS.0 + power::PM1A_CONTROL_OFFSET,
-                    sci_irq: power::SCI_IRQ,
-                    s5_type: power::S5_SLEEP_TYPE,
-                },
-            },
-        )?;
+            )?),
+        };
 
         let stop = Arc::new(StopSignal::new().map_err(host("creating an eventfd"))?);
         let irq = |gsi: u32| -> Result<EventFd, VmmError> {
@@ -168,13 +209,37 @@ impl Machine {
                 .map_err(|e| VmmError::Devices(format!("KVM_IRQFD for IRQ {gsi}: {e}")))?;
             Ok(evt)
         };
-        let console = Arc::new(Mutex::new(SerialPort::new(
-            irq(COM1.1)?,
-            Box::new(io::stdout()) as Output,
-        )));
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            VmmError::Snapshot(format!("restoring the {what}: {e}"))
+        };
+        let uart = |gsi: u32, out: Output, state| -> Result<SerialPort, VmmError> {
+            Ok(match state {
+                None => SerialPort::new(irq(gsi)?, out),
+                Some(s) => SerialPort::restore((irq(gsi)?, out), s).map_err(|e| bad("UART", &e))?,
+            })
+        };
+        let console = Arc::new(Mutex::new(uart(
+            COM1.1,
+            Box::new(io::stdout()),
+            saved.map(|s| &s.com1),
+        )?));
         // COM2 carries the guest's stderr (and, in command mode, its kernel log) to ours.
-        let com2 = SerialPort::new(irq(COM2.1)?, Box::new(io::stderr()) as Output);
-        let i8042 = I8042::new(stop.clone(), Some(irq(I8042_IRQ)?));
+        let com2 = Arc::new(Mutex::new(uart(
+            COM2.1,
+            Box::new(io::stderr()),
+            saved.map(|s| &s.com2),
+        )?));
+        let i8042 = match saved {
+            None => I8042::new(stop.clone(), Some(irq(I8042_IRQ)?)),
+            Some(s) => I8042::restore((stop.clone(), Some(irq(I8042_IRQ)?)), &s.i8042)
+                .map_err(|e| bad("i8042", &e))?,
+        };
+        let i8042 = Arc::new(Mutex::new(i8042));
+        let rtc = match saved {
+            None => Rtc::default(),
+            Some(s) => Rtc::restore((), &s.rtc).map_err(|e| bad("RTC", &e))?,
+        };
+        let rtc = Arc::new(Mutex::new(rtc));
 
         let mut pio = Bus::new();
         let mut add = |dev: Arc<Mutex<dyn BusDevice>>, port: u16, len: u64| {
@@ -182,24 +247,35 @@ impl Machine {
                 .map_err(|e| VmmError::Devices(e.to_string()))
         };
         add(console.clone(), COM1.0, UART_PORTS)?;
-        add(Arc::new(Mutex::new(com2)), COM2.0, UART_PORTS)?;
+        add(com2.clone(), COM2.0, UART_PORTS)?;
         // One device spans 0x60..=0x64 so the data and command ports share state.
-        add(Arc::new(Mutex::new(i8042)), legacy::I8042_DATA, 5)?;
-        add(Arc::new(Mutex::new(Rtc::default())), legacy::RTC_PORT, 2)?;
+        add(i8042.clone(), legacy::I8042_DATA, 5)?;
+        add(rtc.clone(), legacy::RTC_PORT, 2)?;
         add(
             Arc::new(Mutex::new(ExitPort::new(stop.clone()))),
             EXIT_PORT,
             1,
         )?;
-        let power = Arc::new(Mutex::new(PmControl::new(PmWiring {
+        let pm_wiring = PmWiring {
             stop: stop.clone(),
             sci: Box::new(KvmIrqLine {
                 vm: vm.shared_fd(),
                 gsi: u32::from(power::SCI_IRQ),
             }),
-        })));
+        };
+        let power = match saved {
+            None => PmControl::new(pm_wiring),
+            Some(s) => PmControl::restore(pm_wiring, &s.pm).map_err(|e| bad("ACPI PM", &e))?,
+        };
+        let power = Arc::new(Mutex::new(power));
         add(power.clone(), power::PM_PORTS.0, power::PM_PORTS.1)?;
-        let mut pci_root = PciConfigIo::new();
+        let mut pci_root = match saved {
+            None => PciConfigIo::new(),
+            Some(s) => match PciConfigIo::restore((), &s.pci) {
+                Ok(p) => p,
+                Err(never) => match never {},
+            },
+        };
         let mut mmio = Bus::new();
         let mut pci_space = PciSpace::new()?;
         let mut virtio: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = Vec::new();
@@ -220,17 +296,36 @@ impl Machine {
         if config.rng {
             virtio.push(("rng".into(), "rng", Box::new(Rng::new())));
         }
+        if let Some(s) = saved {
+            if s.virtio.len() != virtio.len() {
+                return Err(VmmError::Snapshot(format!(
+                    "the snapshot has {} virtio devices, the configuration {}",
+                    s.virtio.len(),
+                    virtio.len()
+                )));
+            }
+        }
         let mut device_entries = Vec::with_capacity(virtio.len());
-        for (name, kind, device) in virtio {
+        let mut functions = Vec::with_capacity(virtio.len());
+        for (i, (name, kind, device)) in virtio.into_iter().enumerate() {
             device_entries.push(DeviceEntry {
                 name,
                 kind,
                 metrics: device.metrics(),
             });
-            pci_space.attach(&vm, &memory, &mut pci_root, &mut mmio, device)?;
+            let state = saved.map(|s| &s.virtio[i]);
+            functions.push(pci_space.attach(
+                &vm,
+                &memory,
+                &mut pci_root,
+                &mut mmio,
+                device,
+                state,
+            )?);
         }
+        let pci_root = Arc::new(Mutex::new(pci_root));
         add(
-            Arc::new(Mutex::new(pci_root)),
+            pci_root.clone(),
             pci::CONFIG_ADDRESS_PORT,
             pci::CONFIG_PORTS,
         )?;
@@ -243,8 +338,27 @@ impl Machine {
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         for index in 0..config.cpus {
             let vcpu = vm.create_vcpu(index)?;
-            vcpu.configure(&profile, supported, (index == 0).then_some(&boot))?;
+            let vcpu = match (saved, &boot) {
+                (Some(s), _) => Vcpu::restore(vcpu, &s.vcpus[index as usize])?,
+                (None, boot) => {
+                    let boot = if index == 0 { boot.as_ref() } else { None };
+                    vcpu.configure(&profile, supported, boot)?;
+                    vcpu
+                }
+            };
             vcpus.push(vcpu);
+        }
+        // The VM-wide state last: kvmclock is set once every vCPU exists.
+        let vm = match saved {
+            Some(s) => Vm::restore(vm, &s.vm)?,
+            None => vm,
+        };
+        // Restored virtio functions start once the interrupt controllers hold their state,
+        // so an interrupt a device raises on resume is not overwritten.
+        if saved.is_some() {
+            for f in &functions {
+                lock(f).resume();
+            }
         }
 
         let api = config
@@ -262,9 +376,19 @@ impl Machine {
             vm: vm.shared_fd(),
             vcpus: vcpus.len(),
             devices: device_entries,
-            power,
+            power: power.clone(),
             config: config.spec.clone(),
             memory_mib: config.memory.bytes() >> 20,
+            snapshot: SnapshotSources {
+                com1: console.clone(),
+                com2,
+                i8042,
+                rtc,
+                pm: power,
+                pci: pci_root,
+                memory: memory.clone(),
+                virtio: functions,
+            },
         })
         .map_err(host("creating an eventfd"))?;
 

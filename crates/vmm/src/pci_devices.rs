@@ -11,6 +11,8 @@ use vmon_devices::Bus;
 use vmon_hypervisor::{MsiVectorGroup, Vm};
 use vmon_memory::layout::{IOAPIC_ADDRESS, MMIO_HOLE_START};
 use vmon_memory::GuestMemory;
+use vmon_state::Persist;
+use vmon_virtio::transport::persist::{VirtioPciState, VirtioPciWiring};
 use vmon_virtio::transport::{VirtioPci, BAR_SIZE};
 use vmon_virtio::VirtioDevice;
 
@@ -42,6 +44,10 @@ impl PciSpace {
     }
 
     /// Wraps `device` in a virtio-pci function and wires it to `vm`, `mmio` and `pci`.
+    ///
+    /// With `saved`, the function takes that state (a restore): it must land at the BAR it
+    /// had, which it does when devices are attached in the same order as before. It comes
+    /// back paused; the caller resumes it once the vCPUs and irqchip are restored.
     pub fn attach(
         &mut self,
         vm: &Vm,
@@ -49,6 +55,7 @@ impl PciSpace {
         pci: &mut PciConfigIo,
         mmio: &mut Bus,
         device: Box<dyn VirtioDevice>,
+        saved: Option<&VirtioPciState>,
     ) -> Result<Arc<Mutex<VirtioPci>>, VmmError> {
         let devices =
             |what: &str, e: &dyn std::fmt::Display| VmmError::Devices(format!("{what}: {e}"));
@@ -61,8 +68,28 @@ impl PciSpace {
             .gsi_routing()
             .msi_vectors(device.queue_max_sizes().len() as u16 + 1)
             .map_err(|e| devices("allocating MSI-X vectors", &e))?;
-        let function = VirtioPci::new(device, memory.clone(), bar, Box::new(KvmMsi(vectors)))
-            .map_err(|e| devices("virtio-pci", &e))?;
+        let vectors = Box::new(KvmMsi(vectors));
+        let function = match saved {
+            None => VirtioPci::new(device, memory.clone(), bar, vectors)
+                .map_err(|e| devices("virtio-pci", &e))?,
+            Some(state) => {
+                let wiring = VirtioPciWiring {
+                    device,
+                    memory: memory.clone(),
+                    vectors,
+                };
+                let f = VirtioPci::restore(wiring, state)
+                    .map_err(|e| VmmError::Snapshot(format!("restoring a virtio device: {e}")))?;
+                if f.bar() != bar {
+                    return Err(VmmError::Snapshot(format!(
+                        "a virtio device's BAR was at {:#x}, now {bar:#x}: the devices differ",
+                        f.bar()
+                    )));
+                }
+                // MSI routes are written lazily: the first time a restored vector fires.
+                f
+            }
+        };
         for (addr, event) in function.notify_addresses() {
             vm.fd()
                 .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)

@@ -43,6 +43,21 @@ enum Command {
     },
     /// Operate a running VM through its API socket
     Ctl(CtlArgs),
+    /// Continue a VM from a snapshot (`vmon ctl snapshot DIR`) in this new process
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The snapshot directory
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+    /// Serve the management API on this Unix socket (the snapshot's own is not reused)
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Write vmon's log here instead of stderr
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -268,6 +283,12 @@ pub fn main() -> i32 {
     match cli.command {
         // `run` may take its log settings from a configuration file.
         Command::Run(args) => run(*args, cli.log_level.as_deref()),
+        Command::Restore(args) => {
+            if let Err(e) = init_logging(level, args.log_file.as_deref()) {
+                return fail(e, exit_codes::NO_INPUT);
+            }
+            restore(args)
+        }
         Command::Ctl(args) => {
             let _ = init_logging(level, None);
             ctl::run(args)
@@ -345,6 +366,53 @@ fn run(args: RunArgs, log_level: Option<&str>) -> i32 {
             outcome.exit_code()
         }
         Err(e) => report(e),
+    }
+}
+
+fn restore(args: RestoreArgs) -> i32 {
+    use vmon_vmm::snapshot::{MachineSnapshot, MEMORY_FILE, STATE_FILE, STATE_KIND};
+    let snapshot: MachineSnapshot =
+        match vmon_state::file::read_state(&args.dir.join(STATE_FILE), STATE_KIND) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("cannot restore: {e}"), exit_codes::NO_INPUT),
+        };
+    let mut spec: VmSpec = match serde_json::from_value(snapshot.config.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                format!("cannot restore: the snapshot's configuration is invalid: {e}"),
+                exit_codes::USAGE,
+            )
+        }
+    };
+    // Host-side identity belongs to this process, not the one that was snapshotted.
+    spec.api_socket = args.api_socket;
+    spec.metrics_file = None;
+    let mut config = match spec.to_vm_config() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot restore: {e}"), e.exit_code()),
+    };
+    config.console_input = true;
+    let layout = match vmon_memory::MemoryLayout::new(config.memory) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot restore: {e}"), exit_codes::USAGE),
+    };
+    let memory = match vmon_memory::restore_guest_memory(&layout, &args.dir.join(MEMORY_FILE)) {
+        Ok(m) => m,
+        Err(e) => return fail(format!("cannot restore: {e}"), exit_codes::NO_INPUT),
+    };
+    let outcome = Machine::restore(&config, &snapshot, memory).and_then(Machine::run);
+    match outcome {
+        Ok(outcome) => {
+            if let Some(message) = outcome.message() {
+                eprintln!("vmon: {message}");
+            }
+            outcome.exit_code()
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            fail(format!("cannot restore: {e}"), code)
+        }
     }
 }
 

@@ -51,6 +51,15 @@ enum Action {
     Counters,
     /// The counters in Prometheus text format (what `GET /metrics` serves)
     Metrics,
+    /// Pause the VM, write its whole state to DIR, then resume it (or stop it)
+    Snapshot {
+        /// Directory for the snapshot (created if missing)
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Stop the VM once the snapshot is written
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 pub fn run(args: CtlArgs) -> i32 {
@@ -66,6 +75,20 @@ pub fn run(args: CtlArgs) -> i32 {
         Action::Stop => ("POST", "/v1/vm/stop", None),
         Action::Counters => ("GET", "/v1/counters", None),
         Action::Metrics => ("GET", "/metrics", None),
+        Action::Snapshot { dir, stop } => {
+            // The VMM may have another working directory: send an absolute path.
+            let dir = match std::path::absolute(dir) {
+                Ok(d) => d,
+                Err(e) => {
+                    return crate::cli::fail(
+                        format!("snapshot directory {}: {e}", dir.display()),
+                        exit_codes::USAGE,
+                    )
+                }
+            };
+            let body = serde_json::json!({ "dir": dir, "stop": stop });
+            ("POST", "/v1/vm/snapshot", Some(body.to_string()))
+        }
     };
     let response = match client::request(
         &args.api_socket,
@@ -113,6 +136,20 @@ fn human(action: &Action, r: &ClientResponse) -> Result<String, serde_json::Erro
     Ok(match action {
         Action::Info => info_text(&serde_json::from_slice(&r.body)?),
         Action::Counters => counters_text(&serde_json::from_slice(&r.body)?),
+        Action::Snapshot { .. } => {
+            let v: serde_json::Value = serde_json::from_slice(&r.body)?;
+            format!(
+                "snapshot in {}: {} bytes of memory written, guest paused {:.1} ms{}\n",
+                v["dir"].as_str().unwrap_or("?"),
+                v["memory_bytes_written"].as_u64().unwrap_or(0),
+                v["paused_ms"].as_f64().unwrap_or(0.0),
+                if v["stopped"].as_bool() == Some(true) {
+                    "; VM stopped"
+                } else {
+                    ""
+                }
+            )
+        }
         Action::Shutdown { .. } => {
             // The VM's answer, not our request: an earlier, shorter deadline stands.
             let v: serde_json::Value = serde_json::from_slice(&r.body)?;

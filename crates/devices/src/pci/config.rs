@@ -6,6 +6,8 @@
 //! bodies) cannot be changed and BAR sizing works by construction: writing all-ones to a
 //! BAR reads back the size mask.
 
+use serde::{Deserialize, Serialize};
+
 pub const CONFIG_SPACE_SIZE: usize = 256;
 const DWORDS: usize = CONFIG_SPACE_SIZE / 4;
 
@@ -46,6 +48,25 @@ pub enum ConfigError {
     BarIndex(usize),
     #[error("no room left in configuration space for a {0}-byte capability")]
     NoRoom(usize),
+    #[error("saved configuration space has {0} dwords, not {DWORDS}")]
+    StateLength(usize),
+    #[error(
+        "saved configuration space differs at {offset:#x} in bits the guest cannot write \
+         ({saved:#010x}, this function has {actual:#010x}): it is another device's"
+    )]
+    StateMismatch {
+        offset: usize,
+        saved: u32,
+        actual: u32,
+    },
+}
+
+/// The registers of a configuration space. Its layout (IDs, BARs, capabilities, which bits
+/// are writable) is not state: the device that builds the space decides it, and a saved
+/// state only fits a space with the same layout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigSpaceState {
+    pub regs: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -208,6 +229,34 @@ impl ConfigSpace {
     pub fn command(&self) -> u16 {
         self.regs[COMMAND / 4] as u16
     }
+
+    pub fn save_state(&self) -> ConfigSpaceState {
+        ConfigSpaceState {
+            regs: self.regs.to_vec(),
+        }
+    }
+
+    /// Loads saved registers into a space built with the same layout. Only guest-writable
+    /// bits may differ from the fresh space; anything else means the state belongs to a
+    /// different device (or was tampered with), and nothing is changed.
+    pub fn restore_state(&mut self, state: &ConfigSpaceState) -> Result<(), ConfigError> {
+        let saved: &[u32; DWORDS] = state
+            .regs
+            .as_slice()
+            .try_into()
+            .map_err(|_| ConfigError::StateLength(state.regs.len()))?;
+        for (i, (&s, &a)) in saved.iter().zip(&self.regs).enumerate() {
+            if (s ^ a) & !self.writable[i] != 0 {
+                return Err(ConfigError::StateMismatch {
+                    offset: i * 4,
+                    saved: s,
+                    actual: a,
+                });
+            }
+        }
+        self.regs = *saved;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -323,6 +372,39 @@ mod tests {
             cs.add_capability(0x09, &[0; 14], &[]),
             Err(ConfigError::NoRoom(16))
         ));
+    }
+
+    #[test]
+    fn state_fits_only_a_space_of_the_same_layout() {
+        let mut cs = ConfigSpace::new(ids());
+        cs.add_bar64(0, 0xC000_0000, 0x1000).unwrap();
+        cs.write(4, &0x0006u32.to_le_bytes());
+        cs.write(0x10, &[0xFF; 4]);
+        let state = cs.save_state();
+        let mut fresh = ConfigSpace::new(ids());
+        fresh.add_bar64(0, 0xC000_0000, 0x1000).unwrap();
+        fresh.restore_state(&state).unwrap();
+        assert_eq!(fresh.command(), 6);
+        assert_eq!(
+            fresh.read_u32(0x10),
+            0xFFFF_F004,
+            "a BAR mid-sizing stays so"
+        );
+        let mut other = ConfigSpace::new(PciIds {
+            device: 0x1041,
+            ..ids()
+        });
+        other.add_bar64(0, 0xC000_0000, 0x1000).unwrap();
+        assert!(matches!(
+            other.restore_state(&state),
+            Err(ConfigError::StateMismatch { offset: 0, .. })
+        ));
+        assert_eq!(other.read_u32(0), 0x1041_1AF4, "unchanged after a refusal");
+        let short = ConfigSpaceState { regs: vec![0; 3] };
+        assert_eq!(
+            other.restore_state(&short),
+            Err(ConfigError::StateLength(3))
+        );
     }
 
     #[test]

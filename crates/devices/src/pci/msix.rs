@@ -9,6 +9,9 @@
 
 use std::io;
 
+use serde::{Deserialize, Serialize};
+use vmon_state::Persist;
+
 /// PCI capability ID of MSI-X.
 pub const CAP_ID_MSIX: u8 = 0x11;
 /// Size of one table entry: address low, address high, data, vector control.
@@ -227,6 +230,127 @@ impl Msix {
     }
 }
 
+/// One vector's table entry as the guest programmed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixEntryState {
+    pub address: u64,
+    pub data: u32,
+    pub masked: bool,
+}
+
+/// The table, the pending bits and the two Message Control bits: everything the guest can
+/// observe of MSI-X. Whether a vector is routed in the hypervisor is not in it: routes
+/// belong to the new hypervisor's wiring and are made again (see [`Msix::routes`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    pub entries: Vec<MsixEntryState>,
+    /// One bit per vector, 64 vectors to a word (the PBA's layout).
+    pub pending: Vec<u64>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MsixStateError {
+    #[error("{0} MSI-X vectors: a function has between 1 and 2048")]
+    VectorCount(usize),
+    #[error("{got} pending-bit words for {vectors} vectors (want {want})")]
+    PendingWords {
+        got: usize,
+        vectors: usize,
+        want: usize,
+    },
+    #[error("a pending bit is set for vector {0}, past the end of the table")]
+    PendingPastTable(usize),
+}
+
+impl Msix {
+    /// The messages of the vectors the guest has unmasked, for a restorer that wants every
+    /// route in place before the first interrupt. Routing is also done on demand (the first
+    /// trigger of a vector routes it), so this only moves that work earlier.
+    pub fn routes(&self) -> Vec<(u16, MsiMessage)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.masked())
+            .map(|(v, e)| {
+                (
+                    v as u16,
+                    MsiMessage {
+                        address: e.address,
+                        data: e.data,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+impl Persist for Msix {
+    type State = MsixState;
+    type Wiring = Box<dyn MsiVectors>;
+    type Error = MsixStateError;
+
+    fn save(&self) -> Result<MsixState, MsixStateError> {
+        Ok(MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| MsixEntryState {
+                    address: e.address,
+                    data: e.data,
+                    masked: e.masked(),
+                })
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        })
+    }
+
+    /// Rebuilds the table without touching the hypervisor: nothing is routed or raised
+    /// here, so the restorer decides when interrupts may flow again.
+    fn restore(vectors: Box<dyn MsiVectors>, s: &MsixState) -> Result<Self, MsixStateError> {
+        let count = s.entries.len();
+        if !(1..=2048).contains(&count) {
+            return Err(MsixStateError::VectorCount(count));
+        }
+        let want = count.div_ceil(64);
+        if s.pending.len() != want {
+            return Err(MsixStateError::PendingWords {
+                got: s.pending.len(),
+                vectors: count,
+                want,
+            });
+        }
+        // Bits past the table would never be cleared and read back as garbage in the PBA.
+        if let Some(last) = s.pending.last() {
+            let used = count - (want - 1) * 64;
+            if used < 64 && last >> used != 0 {
+                return Err(MsixStateError::PendingPastTable(
+                    (want - 1) * 64 + used + (last >> used).trailing_zeros() as usize,
+                ));
+            }
+        }
+        Ok(Msix {
+            entries: s
+                .entries
+                .iter()
+                .map(|e| Entry {
+                    address: e.address,
+                    data: e.data,
+                    control: if e.masked { VECTOR_MASKED } else { 0 },
+                })
+                .collect(),
+            pending: s.pending.clone(),
+            enabled: s.enabled,
+            function_masked: s.function_masked,
+            routed: vec![false; count],
+            vectors,
+        })
+    }
+}
+
 /// Fills `data` from consecutive little-endian dwords; missing dwords read as zero.
 fn read_dwords(data: &mut [u8], offset: u64, dword: impl Fn(u64) -> Option<u32>) {
     for (i, b) in data.iter_mut().enumerate() {
@@ -358,6 +482,75 @@ mod tests {
         m.write_table(12, &0xFFFF_FFFEu32.to_le_bytes());
         m.read_table(12, &mut e[..4]);
         assert_eq!(&e[..4], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn state_round_trips_and_routes_again_on_first_use() {
+        let (mut m, _) = msix(70);
+        m.set_control(CONTROL_ENABLE);
+        program(&mut m, 0, 0xFEE0_0000, 0x30, false);
+        program(&mut m, 69, 0xFEE0_1000, 0x31, true);
+        m.notify(69);
+        let state = m.save().unwrap();
+        assert_eq!(state.pending, vec![0, 1 << 5]);
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut back = Msix::restore(Box::new(Recorder(log.clone())), &state).unwrap();
+        assert!(
+            log.lock().unwrap().routes.is_empty(),
+            "restore routes nothing"
+        );
+        assert_eq!(back.save().unwrap(), state);
+        assert_eq!(
+            back.routes(),
+            vec![(
+                0,
+                MsiMessage {
+                    address: 0xFEE0_0000,
+                    data: 0x30
+                }
+            )],
+            "the one unmasked vector"
+        );
+        let (mut a, mut b) = ([0u8; 16 * 70], [0u8; 16 * 70]);
+        m.read_table(0, &mut a);
+        back.read_table(0, &mut b);
+        assert_eq!(a, b);
+        back.notify(0);
+        let log = log.lock().unwrap();
+        assert_eq!(log.routes.len(), 1, "routed on first use");
+        assert_eq!(log.triggers, vec![0]);
+    }
+
+    #[test]
+    fn bad_states_are_refused() {
+        let (m, _) = msix(3);
+        let good = m.save().unwrap();
+        let restore = |s: &MsixState| {
+            let (fresh, _) = msix(1);
+            Msix::restore(fresh.vectors, s).err()
+        };
+        let mut s = good.clone();
+        s.entries.clear();
+        assert_eq!(restore(&s), Some(MsixStateError::VectorCount(0)));
+        let mut s = good.clone();
+        s.pending.push(0);
+        assert!(matches!(
+            restore(&s),
+            Some(MsixStateError::PendingWords { .. })
+        ));
+        let mut s = good.clone();
+        s.pending[0] = 1 << 3;
+        assert_eq!(restore(&s), Some(MsixStateError::PendingPastTable(3)));
+        let mut s = good;
+        s.entries = vec![
+            MsixEntryState {
+                address: 0,
+                data: 0,
+                masked: true
+            };
+            3000
+        ];
+        assert_eq!(restore(&s), Some(MsixStateError::VectorCount(3000)));
     }
 
     #[test]

@@ -9,8 +9,15 @@
 //!   refuses (or does not answer in time) the socket is closed.
 //!
 //! Queues: rx (0, packets for the guest), tx (1, packets from the guest) and event (2,
-//! kept for VIRTIO_VSOCK_EVENT_TRANSPORT_RESET after a snapshot restore; nothing is sent
-//! on it yet). Only stream sockets are offered (no VIRTIO_VSOCK_F_SEQPACKET).
+//! for VIRTIO_VSOCK_EVENT_TRANSPORT_RESET). Only stream sockets are offered (no
+//! VIRTIO_VSOCK_F_SEQPACKET).
+//!
+//! Snapshots: tx packets are handled as they are taken and rx buffers are filled (or put
+//! back) at once, so a paused device has nothing in flight. A pause within one process
+//! keeps every connection (the muxer waits with the device, and its sockets keep
+//! buffering). A restored device has new sockets, and host connections cannot follow the
+//! VM into another process: the device then posts a TRANSPORT_RESET event, on which the
+//! driver resets every socket and reads the CID again; new connections work as before.
 //!
 //! Everything runs on the device's thread: the queue eventfds, the listening socket and
 //! every connection's socket (all nonblocking) share its event loop. [`packet`] holds the
@@ -30,14 +37,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::timerfd::TimerFd;
 use vmon_memory::GuestMemory;
 
 use crate::chain::{self, QueueBroken};
+use crate::interrupt::Interrupt;
 use crate::metrics::{CounterSet, DeviceMetrics};
-use crate::worker::{EventLoop, Wake, Worker};
-use crate::{device_id, ActivateError, Activation, ActiveQueue, VirtioDevice, COMMON_FEATURES};
+use crate::worker::{EventLoop, Parked, Wake, Worker};
+use crate::{
+    device_id, ActivateError, Activation, ActiveQueue, DeviceState, DeviceStateError, PauseError,
+    VirtioDevice, COMMON_FEATURES,
+};
 use muxer::Muxer;
 
 const QUEUE_SIZE: u16 = 256;
@@ -46,6 +58,7 @@ const TX: usize = 1;
 const EVENT: usize = 2;
 const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
+const EVENT_TOKEN: u64 = 2;
 const LISTENER_TOKEN: u64 = 3;
 const TIMER_TOKEN: u64 = 4;
 /// How often timeouts are checked while any are pending.
@@ -54,6 +67,8 @@ const TICK: Duration = Duration::from_millis(500);
 pub const MAX_SOCKET_PATH: usize = 107;
 /// The largest guest CID: 2^32 - 1 is VMADDR_CID_ANY.
 pub const MAX_CID: u64 = u32::MAX as u64 - 1;
+/// `struct virtio_vsock_event`'s id for "every connection is gone".
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VsockOptions {
@@ -180,11 +195,26 @@ static VSOCK_COUNTERS: [&str; 5] = [
     "bad_chains",
 ];
 
+/// What the guest sees of the device: its CID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    pub cid: u64,
+}
+
+/// What the device thread hands back when it stops.
+struct Held {
+    mux: Muxer,
+    /// A TRANSPORT_RESET still waits for an event buffer.
+    reset_owed: bool,
+}
+
 pub struct Vsock {
     cid: u64,
     counters: Arc<CounterSet>,
     backend: Option<VsockBackend>,
-    worker: Option<Worker<VsockBackend>>,
+    /// The connections of a paused device, waiting for it to resume.
+    parked: Option<Held>,
+    worker: Option<Worker<Parked<Held>>>,
 }
 
 impl Vsock {
@@ -193,6 +223,7 @@ impl Vsock {
             cid,
             counters: CounterSet::new(&VSOCK_COUNTERS),
             backend: Some(backend),
+            parked: None,
             worker: None,
         }
     }
@@ -216,30 +247,66 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        if a.queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                got: a.queues.len(),
-                want: 3,
-            });
-        }
-        let backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
+        let Activation {
+            memory,
+            features,
+            queues,
+            interrupt,
+            resumed,
+        } = a;
+        let [rx, tx, event]: [ActiveQueue; 3] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<ActiveQueue>| ActivateError::QueueCount {
+                    got: q.len(),
+                    want: 3,
+                })?;
+        let q = Queues { rx, tx, event };
         let cid = self.cid;
-        let counters = self.counters.clone();
-        tracing::debug!(cid, features = a.features, "virtio-vsock: activated");
-        let worker = Worker::spawn("virtio-vsock".into(), move |mut events| {
-            let mut mux = Muxer::new(backend, cid);
-            if let Err(e) = serve(&mut mux, a, &mut events, &counters) {
-                tracing::warn!("virtio-vsock stopped: {e}");
+        // Resuming within this process continues the paused connections. Resuming
+        // without them means a restore: the driver's sockets refer to connections this
+        // process never had, and it must be told.
+        let held = match (self.parked.take(), resumed) {
+            (Some(held), true) => held,
+            (parked, resumed) => {
+                if let Some(old) = parked {
+                    self.backend = Some(old.mux.into_backend());
+                }
+                let backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
+                Held {
+                    mux: Muxer::new(backend, cid),
+                    reset_owed: resumed,
+                }
             }
-            // Keep the listening socket until the transport stops us, so a reset can
-            // reuse it; connections end now.
-            let backend = mux.into_backend();
-            events.idle_until_stop();
-            backend
-        })
-        .map_err(ActivateError::Thread)?;
-        self.worker = Some(worker);
-        Ok(())
+        };
+        let ctx = Context {
+            memory,
+            interrupt,
+            counters: self.counters.clone(),
+        };
+        tracing::debug!(cid, features, resumed, "virtio-vsock: activated");
+        let worker = Worker::spawn("virtio-vsock".into(), move |mut events| {
+            let mut held = held;
+            let mut q = q;
+            let ended = serve(&mut held, &mut q, &ctx, &mut events);
+            if let Ended::Broken = ended {
+                // Keep the listening socket until the transport stops us, so a reset can
+                // reuse it; connections end now.
+                held.mux = Muxer::new(held.mux.into_backend(), cid);
+                events.idle_until_stop();
+            }
+            Parked {
+                backend: held,
+                queues: vec![q.rx.queue, q.tx.queue, q.event.queue],
+            }
+        });
+        match worker {
+            Ok(w) => {
+                self.worker = Some(w);
+                Ok(())
+            }
+            Err(e) => Err(ActivateError::Thread(e)),
+        }
     }
 
     fn metrics(&self) -> Arc<dyn DeviceMetrics> {
@@ -248,11 +315,41 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            self.backend = w.stop();
-            if self.backend.is_none() {
+            self.parked = w.stop().map(|p| p.backend);
+            if self.parked.is_none() {
                 tracing::error!("virtio-vsock thread died; the device is gone");
             }
         }
+        if let Some(held) = self.parked.take() {
+            self.backend = Some(held.mux.into_backend());
+        }
+    }
+
+    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+        let Some(w) = self.worker.take() else {
+            return Ok(Vec::new());
+        };
+        let parked = w.stop().ok_or(PauseError::ThreadDied)?;
+        self.parked = Some(parked.backend);
+        Ok(parked.queues)
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Vsock(VsockState { cid: self.cid })
+    }
+
+    /// The saved CID wins over the configured one: the guest bound its sockets to it.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Vsock(s) = state else {
+            return Err(DeviceStateError::wrong_kind(state, "vsock"));
+        };
+        if !(3..=MAX_CID).contains(&s.cid) {
+            return Err(DeviceStateError::Invalid(
+                VsockError::BadCid(s.cid).to_string(),
+            ));
+        }
+        self.cid = s.cid;
+        Ok(())
     }
 }
 
@@ -297,29 +394,52 @@ impl Ticker {
     }
 }
 
+struct Queues {
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    event: ActiveQueue,
+}
+
+/// What the device thread shares with the transport.
+struct Context {
+    memory: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    counters: Arc<CounterSet>,
+}
+
+/// Why [`serve`] returned.
+enum Ended {
+    /// The transport stopped the thread, between two passes over the queues.
+    Stopped,
+    /// The device could not go on; the driver was told it needs a reset.
+    Broken,
+}
+
 /// The device thread's loop: until the transport stops it, or a queue breaks (then the
-/// driver is told the device needs a reset).
-fn serve(
-    mux: &mut Muxer,
-    mut a: Activation,
-    events: &mut EventLoop,
-    counters: &CounterSet,
-) -> io::Result<()> {
-    let _event_queue: ActiveQueue = a.queues.remove(EVENT);
-    let mut tx = a.queues.remove(TX);
-    let mut rx = a.queues.remove(RX);
-    let mut ticker = Ticker::new()?;
-    let watched = events
-        .add(rx.notify.as_raw_fd(), RX_TOKEN, false)
-        .and_then(|()| events.add(tx.notify.as_raw_fd(), TX_TOKEN, false))
-        .and_then(|()| mux.listen(events, LISTENER_TOKEN))
-        .and_then(|()| events.add(ticker.timer.as_raw_fd(), TIMER_TOKEN, false));
-    if let Err(e) = watched {
-        a.interrupt
-            .fail_device(&format!("watching the queues: {e}"));
-        return Err(e);
-    }
-    let mem = &a.memory;
+/// driver is told the device needs a reset). While a reset is owed, the first event
+/// buffer the driver posts says every connection is gone.
+fn serve(held: &mut Held, q: &mut Queues, ctx: &Context, events: &mut EventLoop) -> Ended {
+    let Held { mux, reset_owed } = held;
+    let watched = Ticker::new().and_then(|ticker| {
+        events.add(q.rx.notify.as_raw_fd(), RX_TOKEN, false)?;
+        events.add(q.tx.notify.as_raw_fd(), TX_TOKEN, false)?;
+        events.add(q.event.notify.as_raw_fd(), EVENT_TOKEN, false)?;
+        mux.attach(events, LISTENER_TOKEN)?;
+        events.add(ticker.timer.as_raw_fd(), TIMER_TOKEN, false)?;
+        Ok(ticker)
+    });
+    let mut ticker = match watched {
+        Ok(t) => t,
+        Err(e) => {
+            ctx.interrupt
+                .fail_device(&format!("virtio-vsock: watching the queues: {e}"));
+            return Ended::Broken;
+        }
+    };
+    let mem = &ctx.memory;
+    let counters = &ctx.counters;
+    let Queues { rx, tx, event } = q;
+    // Look at every queue at once: a resumed device may have missed notifications.
     let mut tokens = vec![TX_TOKEN];
     loop {
         let mut tx_kicked = false;
@@ -332,6 +452,10 @@ fn serve(
                     let _ = tx.notify.read();
                     tx_kicked = true;
                 }
+                EVENT_TOKEN => {
+                    // The driver posted event buffers; they matter only with a reset owed.
+                    let _ = event.notify.read();
+                }
                 LISTENER_TOKEN => mux.accept(events),
                 TIMER_TOKEN => {
                     ticker.drain();
@@ -341,6 +465,16 @@ fn serve(
             }
         }
         let served = (|| -> Result<(), QueueBroken> {
+            // The reset goes before anything else, so no packet of this process reaches
+            // the driver as if it belonged to a connection it had before.
+            if *reset_owed {
+                if let Some(notify) = post_transport_reset(&mut event.queue, mem)? {
+                    *reset_owed = false;
+                    if notify {
+                        ctx.interrupt.signal_queue(EVENT);
+                    }
+                }
+            }
             if tx_kicked
                 && chain::serve_all(&mut tx.queue, mem, |p| {
                     match p.chain {
@@ -357,21 +491,57 @@ fn serve(
                     0
                 })?
             {
-                a.interrupt.signal_queue(TX);
+                ctx.interrupt.signal_queue(TX);
             }
             if fill_rx(&mut rx.queue, mem, mux, events, counters)? {
-                a.interrupt.signal_queue(RX);
+                ctx.interrupt.signal_queue(RX);
             }
             Ok(())
         })();
         if let Err(e) = served {
-            a.interrupt.fail_device(&e.to_string());
-            return Ok(());
+            ctx.interrupt.fail_device(&e.to_string());
+            return Ended::Broken;
         }
         ticker.set(mux.has_deadlines());
         match events.wait() {
-            Wake::Stop => return Ok(()),
+            Wake::Stop => return Ended::Stopped,
             Wake::Ready(t) => tokens = t,
+        }
+    }
+}
+
+/// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the driver's next event buffer. Returns
+/// None when it has posted none (the event waits for one), else whether the driver wants
+/// an interrupt. A buffer too small for the event goes back empty, which the driver
+/// ignores.
+fn post_transport_reset(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<bool>, QueueBroken> {
+    loop {
+        let Some(p) = chain::pop(queue, mem)? else {
+            if queue
+                .enable_notification(mem)
+                .map_err(|_| QueueBroken::UsedRing)?
+            {
+                continue; // one came meanwhile
+            }
+            return Ok(None);
+        };
+        let id = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = match p.chain {
+            Ok(c) if c.writable_len() >= id.len() as u64 => c.write_at(mem, 0, &id).is_ok(),
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!("virtio-vsock: bad event chain: {e}");
+                false
+            }
+        };
+        let len = if written { id.len() as u32 } else { 0 };
+        chain::complete(queue, mem, p.head, len)?;
+        if written {
+            tracing::debug!("virtio-vsock: told the driver its connections are gone");
+            return queue
+                .needs_notification(mem)
+                .map(Some)
+                .map_err(|_| QueueBroken::UsedRing);
         }
     }
 }

@@ -92,6 +92,34 @@ impl Muxer {
         ev.add(self.backend.listener.as_raw_fd(), token, false)
     }
 
+    /// Registers everything with a new event loop: the listening socket under `token`,
+    /// then every client and connection as it needs. A muxer kept across a device pause
+    /// lost its registrations with the old thread's loop. A connection that cannot be
+    /// watched is reset; a client, closed.
+    pub fn attach(&mut self, ev: &EventLoop, token: u64) -> io::Result<()> {
+        self.listener_paused = false;
+        self.listen(ev, token)?;
+        let clients: Vec<u64> = self.clients.keys().copied().collect();
+        for id in clients {
+            let watched = self
+                .clients
+                .get(&id)
+                .map(|c| ev.add(c.stream.as_raw_fd(), CONN_TOKEN_BASE + id, false));
+            if let Some(Err(e)) = watched {
+                tracing::warn!("virtio-vsock: watching a host client: {e}");
+                self.clients.remove(&id);
+            }
+        }
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for id in conns {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.watched = None;
+            }
+            self.settle(ev, id, Verdict::Keep);
+        }
+        Ok(())
+    }
+
     pub fn has_rx_work(&self) -> bool {
         !self.resets.is_empty() || !self.ready.is_empty()
     }

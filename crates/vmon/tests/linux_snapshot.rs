@@ -1,0 +1,192 @@
+//! Linux tier, snapshot and restore: the stock Debian guest counts on its console and writes
+//! each number to its own block of a virtio disk; it is snapshotted and stopped, then a new
+//! vmon process restores it and it goes on counting: no number lost or repeated on the
+//! console, and the disk holds every number in order.
+//! Runs in the lab on PVM hosts (see linux_guest.rs and scripts/test.sh).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{linux_tier, Scratch, VMON};
+
+fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+struct Vmon {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Vmon {
+    fn spawn(args: &[&str]) -> Vmon {
+        let mut child = Command::new(VMON)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&b[..n]);
+            }
+        });
+        Vmon { child, out }
+    }
+
+    fn lines(&self) -> usize {
+        self.out
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    }
+
+    fn wait_lines(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.lines() < n {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                panic!("vmon ended ({s}) early: {:?}", self.text());
+            }
+            assert!(Instant::now() < deadline, "no {n} lines: {:?}", self.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    fn wait_socket(&self, socket: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while UnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "no API socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn end(mut self) -> (i32, String, Vec<u8>) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "vmon did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+        std::thread::sleep(Duration::from_millis(200));
+        let out = self.out.lock().unwrap().clone();
+        eprintln!("vmon -> {status}\nstderr:\n{err}");
+        (status.code().unwrap_or(-1), err, out)
+    }
+}
+
+#[test]
+fn a_debian_guest_with_a_disk_continues_in_a_new_process() {
+    if !linux_tier("a_debian_guest_with_a_disk_continues_in_a_new_process") {
+        return;
+    }
+    let dir = Scratch::in_memory("linux-snapshot");
+    let img = dir.file("count.img", &vec![0u8; 4 << 20]);
+    let disk = format!("path={}", img.display());
+    let s1 = dir.path().join("a.sock");
+    let s2 = dir.path().join("b.sock");
+    let snap = dir.path().join("snap");
+    // Each number goes to the console and, synchronously (O_DIRECT), to block N of the disk.
+    let script = "i=0; while true; do \
+        printf '%-511s\\n' $i | dd of=/dev/vda bs=512 seek=$i oflag=direct conv=notrunc 2>/dev/null; \
+        echo $i; i=$((i+1)); sleep 0.1; done";
+    let mut vm = Vmon::spawn(&[
+        "run",
+        "--cpus",
+        "2",
+        "--memory",
+        "1G",
+        "--disk",
+        &disk,
+        "--api-socket",
+        s1.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    vm.wait_lines(10);
+    vm.wait_socket(&s1);
+    let t0 = Instant::now();
+    let (status, body) = post(
+        &s1,
+        "/v1/vm/snapshot",
+        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
+    );
+    eprintln!("snapshot took {:?}: {body}", t0.elapsed());
+    assert_eq!(status, 200, "{body}");
+    let (code, err, before) = vm.end();
+    assert_eq!(code, 0, "{err}");
+
+    let t1 = Instant::now();
+    let mut restored = Vmon::spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--api-socket",
+        s2.to_str().unwrap(),
+    ]);
+    restored.wait_lines(1);
+    eprintln!("restore to the first console line: {:?}", t1.elapsed());
+    restored.wait_lines(10);
+    restored.wait_socket(&s2);
+    assert_eq!(post(&s2, "/v1/vm/stop", "").0, 202);
+    let (code, err, after) = restored.end();
+    assert_eq!(code, 0, "{err}");
+
+    let mut all = before;
+    all.extend_from_slice(&after);
+    let text = String::from_utf8_lossy(&all).into_owned();
+    let mut last = None;
+    for (i, line) in text.lines().enumerate() {
+        assert_eq!(line, i.to_string(), "console across the restore:\n{text}");
+        last = Some(i);
+    }
+    let last = last.unwrap();
+    assert!(last >= 19, "{text}");
+    // Every number the guest printed is on the disk, in its block (it writes before it
+    // prints; the number after the last printed one may or may not have reached the disk).
+    let disk = std::fs::read(&img).unwrap();
+    for n in 0..=last {
+        let block = &disk[n * 512..n * 512 + 512];
+        let got = String::from_utf8_lossy(block);
+        assert_eq!(
+            got.trim_end_matches(['\0', ' ', '\n']),
+            n.to_string(),
+            "block {n}"
+        );
+    }
+}
