@@ -32,7 +32,10 @@ use vmon_state::Persist;
 use vmon_virtio::metrics::DeviceMetrics;
 
 use crate::signals;
-use crate::snapshot::{MachineSnapshot, SnapshotSources, MEMORY_FILE, STATE_FILE, STATE_KIND};
+use crate::snapshot::{
+    new_memory_file_name, MachineSnapshot, SnapshotSources, MEMORY_FILE_PREFIX, STATE_FILE,
+    STATE_KIND,
+};
 
 /// What a snapshot wrote and how long the guest was paused for it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -397,8 +400,10 @@ impl VmControl {
         let vcpus = self.save_vcpus()?;
         let vm = vmon_hypervisor::vm_state(&self.vm).map_err(|e| fail("VM state", &e))?;
         let s = &self.sources;
+        let memory_file = new_memory_file_name();
         let snapshot = MachineSnapshot {
             config: self.config.clone(),
+            memory_file: memory_file.clone(),
             memory_bytes: self.memory_mib << 20,
             vm,
             vcpus,
@@ -418,12 +423,23 @@ impl VmControl {
                 .collect::<Result<_, _>>()
                 .map_err(|e| fail("virtio device", &e))?,
         };
-        let memory = vmon_memory::save_guest_memory(&s.memory, &dir.join(MEMORY_FILE))
+        let memory = vmon_memory::save_guest_memory(&s.memory, &dir.join(&memory_file))
             .map_err(|e| fail("guest memory", &e))?;
-        // The state file last: a directory with a state file has a complete memory file.
+        // The state file last: a directory with a state file has its complete memory file.
         let state_path = dir.join(STATE_FILE);
         vmon_state::file::write_state(&state_path, STATE_KIND, &snapshot)
             .map_err(|e| fail("state file", &e))?;
+        // Memory files of earlier snapshots into this directory are now unreferenced. A
+        // restored VM still mapping one keeps its pages (the inode lives on).
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(MEMORY_FILE_PREFIX) && name != memory_file.as_str() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let state_bytes = std::fs::metadata(&state_path).map_or(0, |m| m.len());
         Ok((memory.bytes_written, state_bytes))
     }

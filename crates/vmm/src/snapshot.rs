@@ -3,8 +3,11 @@
 //! in-kernel irqchip/PIT/clock, each device): there is no second serialisation path.
 //!
 //! A snapshot directory holds two files: [`STATE_FILE`] (this value, in vmon-state's
-//! versioned, checksummed container) and [`MEMORY_FILE`] (guest RAM, sparse, mapped
-//! copy-on-write on restore).
+//! versioned, checksummed container) and `memory-<id>` (guest RAM, sparse, mapped
+//! copy-on-write on restore). The state file names its memory file, and a new snapshot
+//! into the same directory writes a memory file under a new name before the state file
+//! that points at it: a crash in between leaves the old pair intact, never a state file
+//! next to someone else's memory.
 
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +26,8 @@ use crate::config::VmConfig;
 use crate::exit::VmmError;
 
 pub const STATE_FILE: &str = "vm.state";
-pub const MEMORY_FILE: &str = "memory";
+/// Memory files are `memory-<16 hex digits>`.
+pub const MEMORY_FILE_PREFIX: &str = "memory-";
 /// The container kind of [`STATE_FILE`], so a memory file or another vmon file given in its
 /// place is refused by name.
 pub const STATE_KIND: &str = "vmon-machine";
@@ -33,6 +37,8 @@ pub const STATE_KIND: &str = "vmon-machine";
 pub struct MachineSnapshot {
     /// The VM's configuration (docs/config.md schema) as it was started.
     pub config: serde_json::Value,
+    /// The memory file in the same directory that belongs to this state.
+    pub memory_file: String,
     pub memory_bytes: u64,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
@@ -47,7 +53,32 @@ pub struct MachineSnapshot {
     pub virtio: Vec<VirtioPciState>,
 }
 
+/// A fresh memory file name: unique per snapshot (time and process), so it never replaces
+/// the file an existing state file points at.
+pub fn new_memory_file_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "{MEMORY_FILE_PREFIX}{:016x}",
+        nanos ^ (u64::from(std::process::id()) << 48)
+    )
+}
+
 impl MachineSnapshot {
+    /// The memory file's path in `dir`; refuses a name that would leave the directory.
+    pub fn memory_path(&self, dir: &std::path::Path) -> Result<std::path::PathBuf, VmmError> {
+        let name = &self.memory_file;
+        let hex = name.strip_prefix(MEMORY_FILE_PREFIX).unwrap_or("");
+        if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(VmmError::Snapshot(format!(
+                "the state file names an invalid memory file '{}'",
+                name.escape_debug()
+            )));
+        }
+        Ok(dir.join(name))
+    }
+
     /// Whether a machine configured as `config` can take this state.
     pub fn check_fits(&self, config: &VmConfig) -> Result<(), VmmError> {
         if self.vcpus.len() != config.cpus as usize {

@@ -370,7 +370,7 @@ fn run(args: RunArgs, log_level: Option<&str>) -> i32 {
 }
 
 fn restore(args: RestoreArgs) -> i32 {
-    use vmon_vmm::snapshot::{MachineSnapshot, MEMORY_FILE, STATE_FILE, STATE_KIND};
+    use vmon_vmm::snapshot::{MachineSnapshot, STATE_FILE, STATE_KIND};
     let snapshot: MachineSnapshot =
         match vmon_state::file::read_state(&args.dir.join(STATE_FILE), STATE_KIND) {
             Ok(s) => s,
@@ -397,7 +397,11 @@ fn restore(args: RestoreArgs) -> i32 {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot restore: {e}"), exit_codes::USAGE),
     };
-    let memory = match vmon_memory::restore_guest_memory(&layout, &args.dir.join(MEMORY_FILE)) {
+    let memory_path = match snapshot.memory_path(&args.dir) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot restore: {e}"), exit_codes::USAGE),
+    };
+    let memory = match vmon_memory::restore_guest_memory(&layout, &memory_path) {
         Ok(m) => m,
         Err(e) => return fail(format!("cannot restore: {e}"), exit_codes::NO_INPUT),
     };
