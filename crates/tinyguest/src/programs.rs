@@ -219,6 +219,33 @@ pub fn count_forever(delay: u32) -> Vec<u8> {
     })
 }
 
+/// Writes one non-zero byte to every 4 KiB page from `start` to `end` (guest-physical,
+/// identity-mapped: below 1 GiB), prints `touched`, then counts like [`count_forever`].
+///
+/// Host observes: the guest's memory in that range resident (snapshot and clone
+/// benchmarks), then a counter.
+pub fn touch_then_count(start: u64, end: u64, delay: u32) -> Vec<u8> {
+    build64(|g| {
+        let mut touch = g.a.create_label();
+        let mut again = g.a.create_label();
+        g.a.mov(rbx, start)?;
+        g.a.mov(rcx, end)?;
+        g.a.set_label(&mut touch)?;
+        g.a.mov(byte_ptr(rbx), 0x5Au32)?;
+        g.a.add(rbx, 4096i32)?;
+        g.a.cmp(rbx, rcx)?;
+        g.a.jb(touch)?;
+        g.print(b"touched\n")?;
+        g.a.xor(edi, edi)?;
+        g.a.set_label(&mut again)?;
+        g.print_dec_edi()?;
+        g.print(b"\n")?;
+        g.io_delay(delay)?;
+        g.a.inc(edi)?;
+        g.a.jmp(again)
+    })
+}
+
 fn spin(g: &mut Asm) -> Result {
     let mut l = g.a.create_label();
     g.a.set_label(&mut l)?;

@@ -1,0 +1,231 @@
+//! Snapshot and restore with a tiny guest on this machine's /dev/kvm: how long a snapshot
+//! pauses the guest and what it writes, how long `vmon restore` takes until the guest
+//! prints again, for 256 MiB and 4 GiB guests; and the host memory of 10 clones restored
+//! from one snapshot against 10 VMs booted independently.
+//!
+//! The guest writes one byte to every page of its RAM below 1 GiB (the tiny guest's
+//! identity map ends there: all of a 256 MiB guest, a quarter of a 4 GiB one), then counts
+//! on its console.
+//!
+//! Run: `cargo bench -p vmon --bench snapshot [-- RUNS]`. Prints medians; results are in
+//! docs/benchmarks.md. Not a test: nothing asserts a figure.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmon_tinyguest as tg;
+
+const VMON: &str = env!("CARGO_BIN_EXE_vmon");
+const MIB: u64 = 1 << 20;
+
+fn post(socket: &Path, path: &str, body: &str) -> String {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(VMON)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vmon")
+}
+
+/// Reads stdout until `needle` has appeared `times` times in total.
+fn wait_for(child: &mut Child, needle: &[u8], times: usize) {
+    let out = child.stdout.as_mut().unwrap();
+    let mut seen = Vec::new();
+    let mut b = [0u8; 4096];
+    while seen.windows(needle.len()).filter(|w| *w == needle).count() < times {
+        let n = out.read(&mut b).unwrap();
+        assert!(n > 0, "vmon ended early");
+        seen.extend_from_slice(&b[..n]);
+    }
+}
+
+fn wait_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// (RSS, PSS) of a process in KiB.
+fn rss_pss(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+struct Guest {
+    kernel: PathBuf,
+    memory: String,
+}
+
+/// Boots the guest, waits until it has touched its memory and printed, snapshots it with
+/// --stop; returns (paused ms, memory bytes written).
+fn take_snapshot(g: &Guest, dir: &Path) -> (f64, u64) {
+    let socket = dir.join("boot.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut vm = spawn(&[
+        "run",
+        "--memory",
+        &g.memory,
+        "--kernel",
+        g.kernel.to_str().unwrap(),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    wait_for(&mut vm, b"touched\n", 1);
+    wait_socket(&socket);
+    let snap = dir.join("snap");
+    let answer = post(
+        &socket,
+        "/v1/vm/snapshot",
+        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
+    );
+    let _ = vm.wait();
+    let v: serde_json::Value = serde_json::from_str(&answer).expect(&answer);
+    (
+        v["paused_ms"].as_f64().unwrap(),
+        v["memory_bytes_written"].as_u64().unwrap(),
+    )
+}
+
+/// Time from spawning `vmon restore` to the guest's next console line.
+fn restore_latency(dir: &Path) -> Duration {
+    let snap = dir.join("snap");
+    let t0 = Instant::now();
+    let mut vm = spawn(&["restore", snap.to_str().unwrap()]);
+    wait_for(&mut vm, b"\n", 1);
+    let took = t0.elapsed();
+    let _ = vm.kill();
+    let _ = vm.wait();
+    took
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runs = common::runs_from_args(5);
+    let dir = std::env::temp_dir().join(format!("vmon-bench-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    println!("snapshot/restore, tiny guest, {runs} runs each, medians:");
+    for (label, mib) in [("256 MiB", 256u64), ("4 GiB", 4096)] {
+        let touch_end = (mib * MIB).min(1 << 30);
+        let kernel = dir.join(format!("touch-{mib}.elf"));
+        std::fs::write(
+            &kernel,
+            tg::elf64(
+                &tg::touch_then_count(2 * MIB, touch_end, 50),
+                tg::DEFAULT_LOAD_ADDR,
+            ),
+        )
+        .unwrap();
+        let g = Guest {
+            kernel,
+            memory: format!("{mib}M"),
+        };
+        let (mut paused, mut written, mut restore) = (Vec::new(), 0, Vec::new());
+        for _ in 0..runs {
+            let (p, w) = take_snapshot(&g, &dir);
+            paused.push(p);
+            written = w;
+            restore.push(restore_latency(&dir).as_secs_f64() * 1000.0);
+        }
+        println!(
+            "  {label:8} touched {:4} MiB: snapshot pauses the guest {:8.1} ms ({} MiB written); \
+             restore to the next console line {:6.2} ms",
+            (touch_end - 2 * MIB) / MIB,
+            median(paused),
+            written / MIB,
+            median(restore)
+        );
+    }
+
+    // Ten clones of the 256 MiB snapshot (all memory touched) against ten fresh VMs.
+    let kernel = dir.join("touch-256.elf");
+    let g = Guest {
+        kernel: kernel.clone(),
+        memory: "256M".into(),
+    };
+    take_snapshot(&g, &dir);
+    let snap = dir.join("snap");
+    let mut clones: Vec<Child> = (0..10)
+        .map(|_| spawn(&["restore", snap.to_str().unwrap()]))
+        .collect();
+    for c in &mut clones {
+        wait_for(c, b"\n", 3);
+    }
+    let clone_mem: Vec<(u64, u64)> = clones.iter().map(|c| rss_pss(c.id())).collect();
+    for c in &mut clones {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let mut fresh: Vec<Child> = (0..10)
+        .map(|_| {
+            spawn(&[
+                "run",
+                "--memory",
+                "256M",
+                "--kernel",
+                kernel.to_str().unwrap(),
+            ])
+        })
+        .collect();
+    for c in &mut fresh {
+        wait_for(c, b"touched\n", 1);
+    }
+    let fresh_mem: Vec<(u64, u64)> = fresh.iter().map(|c| rss_pss(c.id())).collect();
+    for c in &mut fresh {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let sum = |v: &[(u64, u64)]| -> (f64, f64) {
+        (
+            v.iter().map(|x| x.0).sum::<u64>() as f64 / 1024.0,
+            v.iter().map(|x| x.1).sum::<u64>() as f64 / 1024.0,
+        )
+    };
+    let (crss, cpss) = sum(&clone_mem);
+    let (frss, fpss) = sum(&fresh_mem);
+    println!("  10 x 256 MiB guests with all memory touched, host memory (MiB):");
+    println!("    10 clones of one snapshot: RSS {crss:8.1}  PSS {cpss:8.1}");
+    println!("    10 independent boots:      RSS {frss:8.1}  PSS {fpss:8.1}");
+    println!(
+        "    clones / independent:      RSS {:.2}x  PSS {:.2}x",
+        crss / frss,
+        cpss / fpss
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
