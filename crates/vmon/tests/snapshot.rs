@@ -188,3 +188,70 @@ fn bad_snapshots_are_refused_in_one_line() {
     );
     out.assert_one_line_error(66, "cannot restore");
 }
+
+#[test]
+fn a_corrupted_or_truncated_snapshot_is_refused_before_anything_runs() {
+    require_kvm!();
+    let dir = Scratch::new("snapshot-corrupt");
+    let kernel = dir.file(
+        "counter",
+        &tg::elf64(&tg::count_forever(2000), tg::DEFAULT_LOAD_ADDR),
+    );
+    let socket = dir.path().join("api.sock");
+    let snap = dir.path().join("snap");
+    let mut vm = spawn(&[
+        "run",
+        "--memory",
+        "64M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let mut out = Vec::new();
+    read_lines(&mut vm, &mut out, 3);
+    wait_socket(&socket);
+    let body = format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display());
+    assert_eq!(post(&socket, "/v1/vm/snapshot", &body).0, 200);
+    finish(vm, &mut out);
+
+    let state = snap.join("vm.state");
+    let good = std::fs::read(&state).unwrap();
+    // A flipped byte in the payload.
+    let mut bad = good.clone();
+    let at = bad.len() - 10;
+    bad[at] ^= 0x20;
+    std::fs::write(&state, &bad).unwrap();
+    let out = common::run_vmon(
+        &["restore", snap.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    out.assert_one_line_error(66, "corrupted");
+    assert!(out.stdout.is_empty(), "nothing ran: {}", out.stdout);
+    // Truncated.
+    std::fs::write(&state, &good[..good.len() / 2]).unwrap();
+    let out = common::run_vmon(
+        &["restore", snap.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    out.assert_one_line_error(66, "truncated");
+    // A memory file that lost its tail.
+    std::fs::write(&state, &good).unwrap();
+    let memory = std::fs::read_dir(&snap)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("memory-"))
+        .unwrap()
+        .path();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap();
+    f.set_len(32 << 20).unwrap();
+    let out = common::run_vmon(
+        &["restore", snap.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    out.assert_one_line_error(66, "bytes");
+    assert!(out.stdout.is_empty(), "nothing ran: {}", out.stdout);
+}
