@@ -58,6 +58,30 @@ struct RestoreArgs {
     /// Write vmon's log here instead of stderr
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// Back disk N (0 = vda) with FILE instead of the snapshot's path, e.g. a copy per
+    /// clone; it must have the size the disk had. Repeatable
+    #[arg(long = "disk-path", value_name = "N=FILE", value_parser = parse_index_value)]
+    disk_paths: Vec<(usize, String)>,
+    /// Attach network device N (0 = eth0) to tap NAME instead of the snapshot's. Repeatable
+    #[arg(long = "tap", value_name = "N=NAME", value_parser = parse_index_value)]
+    taps: Vec<(usize, String)>,
+    /// Serve the vsock device's host side on this Unix socket instead of the snapshot's
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
+}
+
+/// `N=VALUE` for the per-device restore options.
+fn parse_index_value(text: &str) -> Result<(usize, String), String> {
+    let (n, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}': use N=VALUE, e.g. 0=/srv/clone1.img"))?;
+    let n = n
+        .parse()
+        .map_err(|_| format!("'{n}' is not a device number (0, 1, ...)"))?;
+    if value.is_empty() {
+        return Err(format!("'{text}': the value is empty"));
+    }
+    Ok((n, value.to_string()))
 }
 
 #[derive(Args, Debug)]
@@ -385,9 +409,46 @@ fn restore(args: RestoreArgs) -> i32 {
             )
         }
     };
-    // Host-side identity belongs to this process, not the one that was snapshotted.
+    // Host-side identity belongs to this process, not the one that was snapshotted; a clone
+    // can be given its own disks, taps and vsock socket so clones do not collide. What the
+    // guest sees (disk size and serial, MAC, CID) stays as saved.
     spec.api_socket = args.api_socket;
     spec.metrics_file = None;
+    for (n, path) in &args.disk_paths {
+        match spec.disks.as_mut().and_then(|d| d.get_mut(*n)) {
+            Some(d) => d.path = PathBuf::from(path),
+            None => {
+                return fail(
+                    format!("--disk-path {n}=...: the snapshot has no disk {n}"),
+                    exit_codes::USAGE,
+                )
+            }
+        }
+    }
+    for (n, tap) in &args.taps {
+        match spec.nets.as_mut().and_then(|d| d.get_mut(*n)) {
+            Some(d) => d.tap = tap.clone(),
+            None => {
+                return fail(
+                    format!("--tap {n}=...: the snapshot has no network device {n}"),
+                    exit_codes::USAGE,
+                )
+            }
+        }
+    }
+    if let Some(socket) = args.vsock_socket {
+        match spec.vsock.as_mut() {
+            Some(v) => v.socket = socket,
+            None => {
+                return fail(
+                    "--vsock-socket: the snapshot has no vsock device",
+                    exit_codes::USAGE,
+                )
+            }
+        }
+    }
+    // Not `validate`: the kernel and initrd named there are not needed (the guest is in
+    // memory) and may be gone; disks and sockets are checked as they are opened.
     let mut config = match spec.to_vm_config() {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot restore: {e}"), e.exit_code()),

@@ -255,3 +255,77 @@ fn a_corrupted_or_truncated_snapshot_is_refused_before_anything_runs() {
     out.assert_one_line_error(66, "bytes");
     assert!(out.stdout.is_empty(), "nothing ran: {}", out.stdout);
 }
+
+#[test]
+fn clones_get_their_own_disks_and_do_not_collide() {
+    require_kvm!();
+    let dir = Scratch::new("snapshot-clones");
+    let kernel = dir.file(
+        "counter",
+        &tg::elf64(&tg::count_forever(2000), tg::DEFAULT_LOAD_ADDR),
+    );
+    let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
+    let socket = dir.path().join("api.sock");
+    let snap = dir.path().join("snap");
+    let disk_arg = format!("path={}", disk.display());
+    let mut vm = spawn(&[
+        "run",
+        "--memory",
+        "64M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        &disk_arg,
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let mut out = Vec::new();
+    read_lines(&mut vm, &mut out, 3);
+    wait_socket(&socket);
+    // The original keeps running (and keeps its disk locked).
+    let body = format!(r#"{{"dir": "{}"}}"#, snap.display());
+    assert_eq!(post(&socket, "/v1/vm/snapshot", &body).0, 200);
+
+    // A clone on the same disk would be a second writer: refused.
+    let same = common::run_vmon(
+        &["restore", snap.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    same.assert_one_line_error(same.code(), "cannot restore");
+    assert!(
+        same.stderr.contains("lock") || same.stderr.contains("in use"),
+        "{}",
+        same.stderr
+    );
+
+    // Three clones, each with its own copy of the disk, run side by side.
+    let clones: Vec<Child> = (0..3)
+        .map(|i| {
+            let copy = dir.file(&format!("clone{i}.img"), &vec![0u8; 1 << 20]);
+            let arg = format!("0={}", copy.display());
+            spawn(&["restore", snap.to_str().unwrap(), "--disk-path", &arg])
+        })
+        .collect();
+    for mut c in clones {
+        let mut lines = Vec::new();
+        read_lines(&mut c, &mut lines, 3);
+        assert!(
+            lines.iter().filter(|&&b| b == b'\n').count() >= 3,
+            "a clone did not run: {}",
+            String::from_utf8_lossy(&lines)
+        );
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // A copy of the wrong size does not fit the guest's disk.
+    let small = dir.file("small.img", &vec![0u8; 4096]);
+    let arg = format!("0={}", small.display());
+    let out = common::run_vmon(
+        &["restore", snap.to_str().unwrap(), "--disk-path", &arg],
+        Duration::from_secs(20),
+    );
+    assert_ne!(out.code(), 0);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert_eq!(post(&socket, "/v1/vm/stop", "").0, 202);
+    finish(vm, &mut out.stdout.into_bytes());
+}
