@@ -190,3 +190,90 @@ fn a_debian_guest_with_a_disk_continues_in_a_new_process() {
         );
     }
 }
+
+/// After a restore the old host connections are gone (the device tells the guest with a
+/// TRANSPORT_RESET), and a connection made through the clone's new vsock socket reaches
+/// the guest's listener and echoes.
+#[test]
+fn a_vsock_connection_after_restore_works() {
+    if !linux_tier("a_vsock_connection_after_restore_works") {
+        return;
+    }
+    let dir = Scratch::in_memory("linux-snapshot-vsock");
+    let s1 = dir.path().join("a.sock");
+    let s2 = dir.path().join("b.sock");
+    let v1 = dir.path().join("v1.sock");
+    let v2 = dir.path().join("v2.sock");
+    let snap = dir.path().join("snap");
+    let mut args: Vec<String> = vec!["run".into(), "--cpus".into(), "2".into()];
+    args.extend(common::guest_tools::guest_args());
+    args.extend([
+        "--vsock".into(),
+        format!("cid=3,socket={}", v1.display()),
+        "--api-socket".into(),
+        s1.display().to_string(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        "echo listening; while true; do vmon-guest vsock-listen 6000; echo served=$?; done".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vmon::spawn(&args);
+    vm.wait_lines(1);
+    vm.wait_socket(&s1);
+    // Let the listener get to accept().
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, body) = post(
+        &s1,
+        "/v1/vm/snapshot",
+        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (code, err, _) = vm.end();
+    assert_eq!(code, 0, "{err}");
+
+    let mut restored = Vmon::spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--api-socket",
+        s2.to_str().unwrap(),
+        "--vsock-socket",
+        v2.to_str().unwrap(),
+    ]);
+    restored.wait_socket(&s2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !v2.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no vsock socket at {}",
+            v2.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut conn = UnixStream::connect(&v2).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    conn.write_all(b"CONNECT 6000\n").unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\n") {
+        assert_eq!(conn.read(&mut byte).unwrap(), 1, "vsock closed: {reply:?}");
+        reply.push(byte[0]);
+    }
+    assert!(
+        reply.starts_with(b"OK "),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    conn.write_all(b"after-restore\n").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut echoed = String::new();
+    conn.read_to_string(&mut echoed).unwrap();
+    assert_eq!(echoed, "after-restore\n");
+    // vmon-guest reports what it echoed, then the loop prints its status.
+    restored.wait_lines(2);
+    assert!(restored.text().contains("served=0"), "{}", restored.text());
+    assert_eq!(post(&s2, "/v1/vm/stop", "").0, 202);
+    let (code, err, _) = restored.end();
+    assert_eq!(code, 0, "{err}");
+}
