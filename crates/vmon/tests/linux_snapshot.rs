@@ -277,3 +277,84 @@ fn a_vsock_connection_after_restore_works() {
     let (code, err, _) = restored.end();
     assert_eq!(code, 0, "{err}");
 }
+
+/// Ten clones of one snapshot run at once, each on its own copy of the disk, and each
+/// reports its own identity: the guest reads the first block of its disk (O_DIRECT, so from
+/// the device, not a cache the snapshot carried) once a second and prints it.
+#[test]
+fn ten_clones_run_at_once_with_their_own_identity() {
+    if !linux_tier("ten_clones_run_at_once_with_their_own_identity") {
+        return;
+    }
+    const CLONES: usize = 10;
+    let dir = Scratch::in_memory("linux-snapshot-clones");
+    let block = |text: &str| {
+        let mut b = text.as_bytes().to_vec();
+        b.resize(1 << 20, b' ');
+        b
+    };
+    let img = dir.file("original.img", &block("identity=original"));
+    let disk = format!("path={},readonly=on", img.display());
+    let s1 = dir.path().join("a.sock");
+    let snap = dir.path().join("snap");
+    let script = "while true; do \
+        dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | cut -c1-20 | head -1; \
+        sleep 1; done";
+    let mut vm = Vmon::spawn(&[
+        "run",
+        "--memory",
+        "256M",
+        "--disk",
+        &disk,
+        "--api-socket",
+        s1.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    vm.wait_lines(2);
+    vm.wait_socket(&s1);
+    let (status, body) = post(
+        &s1,
+        "/v1/vm/snapshot",
+        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (code, err, out) = vm.end();
+    assert_eq!(code, 0, "{err}");
+    assert!(String::from_utf8_lossy(&out).contains("identity=original"));
+
+    let mut clones: Vec<(String, Vmon)> = (0..CLONES)
+        .map(|i| {
+            let id = format!("identity=clone-{i:02}");
+            let copy = dir.file(&format!("clone{i}.img"), &block(&id));
+            let arg = format!("0={}", copy.display());
+            let v = Vmon::spawn(&["restore", snap.to_str().unwrap(), "--disk-path", &arg]);
+            (id, v)
+        })
+        .collect();
+    for (id, v) in &mut clones {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !v.text().contains(id.as_str()) {
+            if let Some(s) = v.child.try_wait().unwrap() {
+                panic!("clone {id} ended ({s}): {}", v.text());
+            }
+            assert!(Instant::now() < deadline, "{id} never showed: {}", v.text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            !v.text().contains("identity=original"),
+            "{id}: {}",
+            v.text()
+        );
+    }
+    // All ten were running at the same time.
+    for (id, v) in &mut clones {
+        assert!(v.child.try_wait().unwrap().is_none(), "{id} had ended");
+    }
+    for (_, mut v) in clones {
+        let _ = v.child.kill();
+        let _ = v.child.wait();
+    }
+}
