@@ -27,7 +27,6 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +38,7 @@ use vm_memory::{
 
 use crate::layout::{MemoryLayout, PAGE_SIZE};
 use crate::GuestMemory;
+use vmon_state::file::{parent_dir, TempPath};
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages whose residency is looked up at once: 1 GiB of guest memory, 256 KiB of flags, so
@@ -488,49 +488,6 @@ fn seek(file: &File, from: u64, whence: i32) -> io::Result<Option<u64>> {
     }
 }
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// A temporary name beside the target, removed again unless [`TempPath::keep`] is called.
-struct TempPath(Option<PathBuf>);
-
-impl TempPath {
-    fn new(target: &Path) -> io::Result<Self> {
-        static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-        let name = target
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
-        let unique = format!(
-            ".{}.tmp-{}-{}",
-            name.to_string_lossy(),
-            std::process::id(),
-            SEQUENCE.fetch_add(1, Ordering::Relaxed)
-        );
-        Ok(Self(Some(parent_dir(target).join(unique))))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.as_deref().unwrap_or(Path::new(""))
-    }
-
-    /// The file was renamed into place: nothing left to remove.
-    fn keep(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,6 +495,7 @@ mod tests {
     use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
     use crate::size::MemSize;
     use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use vm_memory::Bytes;
 
     const MIB: u64 = 1 << 20;

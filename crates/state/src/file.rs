@@ -391,7 +391,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     File::open(parent_dir(path))?.sync_all()
 }
 
-fn parent_dir(path: &Path) -> &Path {
+/// The directory `path` is in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -400,10 +401,10 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// A temporary name beside the target (same directory, so `rename` stays on one file system),
 /// removed again unless [`TempPath::keep`] is called.
-struct TempPath(Option<PathBuf>);
+pub struct TempPath(Option<PathBuf>);
 
 impl TempPath {
-    fn new(target: &Path) -> io::Result<Self> {
+    pub fn new(target: &Path) -> io::Result<Self> {
         static SEQUENCE: AtomicU64 = AtomicU64::new(0);
         let name = target
             .file_name()
@@ -417,12 +418,12 @@ impl TempPath {
         Ok(Self(Some(parent_dir(target).join(unique))))
     }
 
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.0.as_deref().unwrap_or(Path::new(""))
     }
 
     /// The file was renamed into place: nothing left to remove.
-    fn keep(mut self) {
+    pub fn keep(mut self) {
         self.0 = None;
     }
 }
