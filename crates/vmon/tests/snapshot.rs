@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,26 @@ fn spawn(args: &[&str]) -> Child {
         .unwrap()
 }
 
+/// Boots the counting guest (64 MiB) in `dir` with an API socket there, plus `extra` flags.
+fn boot_counter(dir: &Scratch, extra: &[&str]) -> (Child, PathBuf) {
+    let kernel = dir.file(
+        "counter",
+        &tg::elf64(&tg::count_forever(2000), tg::DEFAULT_LOAD_ADDR),
+    );
+    let socket = dir.path().join("api.sock");
+    let mut args = vec![
+        "run",
+        "--memory",
+        "64M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    (spawn(&args), socket)
+}
+
 /// Every line of `text` is the next number after `first`.
 fn assert_counts_from(text: &str, first: u64) -> u64 {
     let mut next = first;
@@ -101,21 +121,8 @@ fn assert_counts_from(text: &str, first: u64) -> u64 {
 fn a_counting_guest_continues_in_a_new_process_and_rolls_back() {
     require_kvm!();
     let dir = Scratch::new("snapshot-cycle");
-    let kernel = dir.file(
-        "counter",
-        &tg::elf64(&tg::count_forever(2000), tg::DEFAULT_LOAD_ADDR),
-    );
-    let socket = dir.path().join("api.sock");
+    let (mut vm, socket) = boot_counter(&dir, &[]);
     let snap = dir.path().join("snap");
-    let mut vm = spawn(&[
-        "run",
-        "--memory",
-        "64M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
     let mut before = Vec::new();
     read_lines(&mut vm, &mut before, 20);
     wait_socket(&socket);
@@ -193,21 +200,8 @@ fn bad_snapshots_are_refused_in_one_line() {
 fn a_corrupted_or_truncated_snapshot_is_refused_before_anything_runs() {
     require_kvm!();
     let dir = Scratch::new("snapshot-corrupt");
-    let kernel = dir.file(
-        "counter",
-        &tg::elf64(&tg::count_forever(2000), tg::DEFAULT_LOAD_ADDR),
-    );
-    let socket = dir.path().join("api.sock");
+    let (mut vm, socket) = boot_counter(&dir, &[]);
     let snap = dir.path().join("snap");
-    let mut vm = spawn(&[
-        "run",
-        "--memory",
-        "64M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
     let mut out = Vec::new();
     read_lines(&mut vm, &mut out, 3);
     wait_socket(&socket);
@@ -260,25 +254,10 @@ fn a_corrupted_or_truncated_snapshot_is_refused_before_anything_runs() {
 fn clones_get_their_own_disks_and_do_not_collide() {
     require_kvm!();
     let dir = Scratch::new("snapshot-clones");
-    let kernel = dir.file(
-        "counter",
-        &tg::elf64(&tg::count_forever(2000), tg::DEFAULT_LOAD_ADDR),
-    );
     let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
-    let socket = dir.path().join("api.sock");
-    let snap = dir.path().join("snap");
     let disk_arg = format!("path={}", disk.display());
-    let mut vm = spawn(&[
-        "run",
-        "--memory",
-        "64M",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--disk",
-        &disk_arg,
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
+    let (mut vm, socket) = boot_counter(&dir, &["--disk", &disk_arg]);
+    let snap = dir.path().join("snap");
     let mut out = Vec::new();
     read_lines(&mut vm, &mut out, 3);
     wait_socket(&socket);
