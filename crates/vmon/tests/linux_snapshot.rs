@@ -351,7 +351,14 @@ fn ten_clones_run_at_once_with_their_own_identity() {
     }
     // All ten were running at the same time.
     for (id, v) in &mut clones {
-        assert!(v.child.try_wait().unwrap().is_none(), "{id} had ended");
+        if let Some(status) = v.child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = v.child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!(
+                "{id} had ended ({status}); stderr: {err}; stdout: {}",
+                v.text()
+            );
+        }
     }
     for (_, mut v) in clones {
         let _ = v.child.kill();
