@@ -55,7 +55,12 @@ pub enum HypervisorError {
 /// An open, checked `/dev/kvm`.
 pub struct Hypervisor {
     kvm: Kvm,
-    supported_cpuid: CpuId,
+    /// Asked for on first use: a restored VM takes its CPUID from the snapshot, and the
+    /// query costs a restore more than a millisecond on some hosts.
+    supported_cpuid: std::sync::OnceLock<CpuId>,
+    /// MSRs this KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`), which a vCPU's
+    /// saved state covers.
+    msr_indices: std::sync::Arc<[u32]>,
     max_vcpus: usize,
     tsc_deadline: bool,
     xcrs: bool,
@@ -102,17 +107,20 @@ impl Hypervisor {
                 });
             }
         }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        let msr_indices = kvm
+            .get_msr_index_list()
             .map_err(|source| HypervisorError::Ioctl {
-                what: "KVM_GET_SUPPORTED_CPUID",
+                what: "KVM_GET_MSR_INDEX_LIST",
                 source,
-            })?;
+            })?
+            .as_slice()
+            .into();
         Ok(Hypervisor {
+            msr_indices,
             max_vcpus: kvm.get_max_vcpus(),
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
             xcrs: kvm.check_extension(Cap::Xcrs),
-            supported_cpuid,
+            supported_cpuid: std::sync::OnceLock::new(),
             kvm,
         })
     }
@@ -121,8 +129,24 @@ impl Hypervisor {
         &self.kvm
     }
 
-    pub fn supported_cpuid(&self) -> &CpuId {
-        &self.supported_cpuid
+    /// The CPUID entries KVM can offer a guest (`KVM_GET_SUPPORTED_CPUID`).
+    pub fn supported_cpuid(&self) -> Result<&CpuId, HypervisorError> {
+        if let Some(c) = self.supported_cpuid.get() {
+            return Ok(c);
+        }
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| HypervisorError::Ioctl {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        Ok(self.supported_cpuid.get_or_init(|| cpuid))
+    }
+
+    /// The MSRs KVM reports it can save and restore.
+    pub fn msr_indices(&self) -> &std::sync::Arc<[u32]> {
+        &self.msr_indices
     }
 
     pub fn max_vcpus(&self) -> usize {
@@ -139,14 +163,15 @@ impl Hypervisor {
 
     /// Guest physical address width from CPUID 0x80000008 (36 if the leaf is missing, the
     /// architectural minimum).
-    pub fn guest_phys_bits(&self) -> u8 {
-        self.supported_cpuid
+    pub fn guest_phys_bits(&self) -> Result<u8, HypervisorError> {
+        Ok(self
+            .supported_cpuid()?
             .as_slice()
             .iter()
             .find(|e| e.function == 0x8000_0008)
             .map(|e| (e.eax & 0xFF) as u8)
             .filter(|&bits| bits >= 32)
-            .unwrap_or(36)
+            .unwrap_or(36))
     }
 
     /// True on a PVM host (`kvm_pvm`), where ring-0 guest code is emulated and a stock Linux

@@ -45,18 +45,89 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 /// The LAPIC timer's deadline in TSC-deadline mode.
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6E0;
 
-/// MSRs captured in a vCPU's saved state besides those above.
-pub fn saved_msr_indices() -> Vec<u32> {
-    let mut indices: Vec<u32> = boot_msrs().iter().map(|e| e.index).collect();
-    indices.extend([
-        0x4B56_4D00, // MSR_KVM_WALL_CLOCK_NEW
-        0x4B56_4D01, // MSR_KVM_SYSTEM_TIME_NEW
-        0x4B56_4D02, // MSR_KVM_ASYNC_PF_EN
-        0x4B56_4D03, // MSR_KVM_STEAL_TIME
-        0x4B56_4D04, // MSR_KVM_PV_EOI_EN
-        MSR_IA32_TSC_DEADLINE,
-        0xC000_0103, // MSR_TSC_AUX
-        0x1B,        // MSR_IA32_APICBASE
-    ]);
+/// MTRRs: KVM does not list them as MSRs to save, but the guest programs them and reads
+/// them back: the fixed ranges, 8 variable pairs (KVM's count) and the default type.
+const MTRR_MSRS: [u32; 28] = [
+    0x250,
+    0x258,
+    0x259,
+    0x268,
+    0x269,
+    0x26A,
+    0x26B,
+    0x26C,
+    0x26D,
+    0x26E,
+    0x26F,
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207,
+    0x208,
+    0x209,
+    0x20A,
+    0x20B,
+    0x20C,
+    0x20D,
+    0x20E,
+    0x20F,
+    MSR_MTRR_DEF_TYPE,
+];
+
+/// MSRs that a vCPU's saved state holds: those we set at boot, the MTRRs, the APIC base and
+/// the TSC deadline, then every MSR `kvm_list` (KVM's `KVM_GET_MSR_INDEX_LIST`) names that
+/// is not already there.
+///
+/// KVM's list is the authority: it names the paravirtual MSRs the guest enables at run time
+/// (kvmclock, async page faults and their interrupt vector, steal time, PV EOI, poll
+/// control), PAT, SPEC_CTRL, the PMU, and whatever a newer KVM adds. A hand-kept list goes
+/// stale: ours once lacked `MSR_KVM_ASYNC_PF_INT`, so a restored guest had async page
+/// faults enabled with KVM's "page ready" vector 0, which the LAPIC never delivers.
+pub fn saved_msr_indices(kvm_list: &[u32]) -> Vec<u32> {
+    let ours = boot_msrs().into_iter().map(|e| e.index);
+    let ours = ours
+        .chain(MTRR_MSRS)
+        .chain([MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE]);
+    let mut indices: Vec<u32> = Vec::new();
+    for index in ours.chain(kvm_list.iter().copied()) {
+        if !indices.contains(&index) {
+            indices.push(index);
+        }
+    }
     indices
+}
+
+/// The local APIC's base address and enable bits.
+pub const MSR_IA32_APICBASE: u32 = 0x1B;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_saved_list_holds_ours_and_kvms_once_each() {
+        const ASYNC_PF_INT: u32 = 0x4B56_4D06;
+        let kvm = [MSR_IA32_TSC, ASYNC_PF_INT, 0x277, MSR_IA32_TSC];
+        let list = saved_msr_indices(&kvm);
+        for index in [
+            MSR_IA32_TSC,
+            ASYNC_PF_INT,
+            0x277,
+            MSR_IA32_APICBASE,
+            0x20F,
+            0x250,
+        ] {
+            assert_eq!(
+                list.iter().filter(|&&i| i == index).count(),
+                1,
+                "{index:#x}"
+            );
+        }
+        assert!(list.contains(&MSR_IA32_TSC_DEADLINE));
+        assert_eq!(list.len(), boot_msrs().len() + MTRR_MSRS.len() - 1 + 2 + 2);
+    }
 }

@@ -48,11 +48,17 @@ pub enum VcpuError {
 pub struct Vcpu {
     fd: VcpuFd,
     index: u32,
+    /// The MSRs [`Persist::save`] reads (see [`msrs::saved_msr_indices`]).
+    saved_msrs: std::sync::Arc<[u32]>,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, index: u32) -> Self {
-        Vcpu { fd, index }
+    pub(crate) fn new(fd: VcpuFd, index: u32, saved_msrs: std::sync::Arc<[u32]>) -> Self {
+        Vcpu {
+            fd,
+            index,
+            saved_msrs,
+        }
     }
 
     pub fn index(&self) -> u32 {
@@ -148,6 +154,39 @@ impl Vcpu {
             });
         }
         Ok(())
+    }
+
+    /// Reads every MSR in `indices` that KVM will read for this vCPU. `KVM_GET_MSRS` stops
+    /// at the first MSR it refuses (one whose feature this host or the guest's CPUID lacks,
+    /// say); that one is left out and the read goes on after it, so one refusal cannot
+    /// silently drop the MSRs behind it.
+    fn get_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let mut read = Vec::with_capacity(indices.len());
+        let mut rest = indices;
+        while !rest.is_empty() {
+            let wanted: Vec<kvm_msr_entry> = rest
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut buf = Msrs::from_entries(&wanted).map_err(|_| VcpuError::Ioctl {
+                index: self.index,
+                what: "building the MSR list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            let n = self
+                .fd
+                .get_msrs(&mut buf)
+                .map_err(self.ioctl("KVM_GET_MSRS"))?;
+            read.extend_from_slice(&buf.as_slice()[..n]);
+            if n < rest.len() {
+                tracing::debug!("vCPU {}: KVM does not read MSR {:#x}", self.index, rest[n]);
+            }
+            rest = rest.get(n + 1..).unwrap_or(&[]);
+        }
+        Ok(read)
     }
 
     /// LINT0 receives the PIC's ExtINT and LINT1 NMIs ("virtual wire" mode), as the MP
@@ -347,27 +386,11 @@ impl Persist for Vcpu {
             .fd
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(self.ioctl("KVM_GET_CPUID2"))?;
-        let wanted: Vec<kvm_msr_entry> = msrs::saved_msr_indices()
-            .into_iter()
-            .map(|index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msr_buf = Msrs::from_entries(&wanted).map_err(|_| VcpuError::Ioctl {
-            index: self.index,
-            what: "building the MSR list",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
-        // KVM stops at the first MSR it does not know; keep what it read.
-        let read = self
-            .fd
-            .get_msrs(&mut msr_buf)
-            .map_err(self.ioctl("KVM_GET_MSRS"))?;
+        let msrs = self.get_msrs(&self.saved_msrs)?;
         Ok(VcpuState {
             index: self.index,
             cpuid: cpuid.as_slice().to_vec(),
-            msrs: msr_buf.as_slice()[..read].to_vec(),
+            msrs,
             regs: self.fd.get_regs().map_err(self.ioctl("KVM_GET_REGS"))?,
             sregs: self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?,
             fpu: FpuState::from(&self.fd.get_fpu().map_err(self.ioctl("KVM_GET_FPU"))?),

@@ -39,6 +39,8 @@ const MAX_SLOT_SIZE: u64 = 1 << 42;
 pub struct Vm {
     fd: Arc<VmFd>,
     routing: Arc<GsiRouting>,
+    /// Every MSR a vCPU's saved state must hold: ours and all KVM can save.
+    saved_msrs: Arc<[u32]>,
 }
 
 impl Vm {
@@ -83,6 +85,7 @@ impl Vm {
         let fd = Arc::new(fd);
         Ok(Vm {
             routing: Arc::new(GsiRouting::new(fd.clone())),
+            saved_msrs: crate::msrs::saved_msr_indices(hv.msr_indices()).into(),
             fd,
         })
     }
@@ -106,7 +109,7 @@ impl Vm {
             .fd
             .create_vcpu(u64::from(index))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
-        Ok(Vcpu::new(fd, index))
+        Ok(Vcpu::new(fd, index, self.saved_msrs.clone()))
     }
 }
 

@@ -53,7 +53,7 @@ fn saved_vcpu_state_restores_into_a_new_vcpu() {
     };
     let original = vm.create_vcpu(0).unwrap();
     original
-        .configure(&profile, hv.supported_cpuid(), Some(&boot_state()))
+        .configure(&profile, hv.supported_cpuid().unwrap(), Some(&boot_state()))
         .unwrap();
     let saved = original.save().unwrap();
     assert_eq!(saved.regs.rip, 0x10_0000);

@@ -161,7 +161,10 @@ impl Machine {
                 max: max_cpus,
             });
         }
-        layout.check_physical_limit(hypervisor.guest_phys_bits())?;
+        // A restored guest keeps the layout it was built with, on a host that could back it.
+        if let Start::Boot = start {
+            layout.check_physical_limit(hypervisor.guest_phys_bits()?)?;
+        }
         let (memory, saved) = match start {
             Start::Boot => (
                 create_guest_memory(&layout).map_err(VmmError::MapMemory)?,
@@ -174,12 +177,16 @@ impl Machine {
         };
         let vm = Vm::create(&hypervisor, &memory)?;
 
-        let supported = hypervisor.supported_cpuid();
-        let leaf1 = supported.as_slice().iter().find(|e| e.function == 1);
-        // A restored guest has its kernel, tables and everything else in its memory already.
-        let boot = match saved {
+        // A restored guest has its kernel, tables and everything else in its memory already,
+        // and its CPUID in the snapshot.
+        let supported = match saved {
             Some(_) => None,
-            None => Some(vmon_boot::prepare(
+            None => Some(hypervisor.supported_cpuid()?),
+        };
+        let leaf1 = supported.and_then(|s| s.as_slice().iter().find(|e| e.function == 1));
+        let boot = match supported {
+            None => None,
+            Some(_) => Some(vmon_boot::prepare(
                 &memory,
                 &layout,
                 &BootSpec {
@@ -338,10 +345,11 @@ impl Machine {
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         for index in 0..config.cpus {
             let vcpu = vm.create_vcpu(index)?;
-            let vcpu = match (saved, &boot) {
+            let vcpu = match (saved, supported) {
                 (Some(s), _) => Vcpu::restore(vcpu, &s.vcpus[index as usize])?,
-                (None, boot) => {
+                (None, supported) => {
                     let boot = if index == 0 { boot.as_ref() } else { None };
+                    let supported = supported.expect("a boot asks KVM for its CPUID");
                     vcpu.configure(&profile, supported, boot)?;
                     vcpu
                 }
