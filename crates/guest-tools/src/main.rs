@@ -5,6 +5,7 @@
 //! Each subcommand is a function taking its arguments; add new ones to [`COMMANDS`].
 
 mod bench;
+mod memory;
 mod vsock;
 
 use std::process::ExitCode;
@@ -59,6 +60,13 @@ const COMMANDS: &[Command] = &[
         "PORT",
         "accept one TCP connection, count bytes to EOF, answer the count; print MB/s",
         bench::tcp_recv_cmd,
+    ),
+    (
+        "hold-memory",
+        "MIB|available",
+        "fill MIB MiB (or all available memory) and keep it; print `holding N MiB`, then \
+         answer each stdin line with `answer: LINE`",
+        memory::hold_memory_cmd,
     ),
 ];
 
