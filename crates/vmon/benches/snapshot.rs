@@ -131,6 +131,19 @@ fn restore_latency(dir: &Path) -> Duration {
     took
 }
 
+/// Time to start and finish `vmon --version`: what any `vmon` command pays before its own
+/// work (exec, dynamic loading, Rust start-up), so restore's own share can be told apart.
+fn process_start() -> Duration {
+    let t0 = Instant::now();
+    let status = Command::new(VMON)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .expect("run vmon --version");
+    assert!(status.success());
+    t0.elapsed()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -141,6 +154,13 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("vmon-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     println!("snapshot/restore, tiny guest, {runs} runs each, medians:");
+    let start: Vec<f64> = (0..20)
+        .map(|_| process_start().as_secs_f64() * 1000.0)
+        .collect();
+    println!(
+        "  process start (`vmon --version`, start to exit): {:.2} ms",
+        median(start)
+    );
     for (label, mib) in [("256 MiB", 256u64), ("4 GiB", 4096)] {
         let touch_end = (mib * MIB).min(1 << 30);
         let kernel = dir.join(format!("touch-{mib}.elf"));
