@@ -4,7 +4,7 @@
 //! Routes are versioned under `/v1` so a later, incompatible API can live next to this one;
 //! `/metrics` stays unversioned because that is where Prometheus looks by default.
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -16,7 +16,8 @@ use crate::model::{
 use crate::server::Handler;
 
 /// The VM as the API sees it. Calls arrive on the API thread and may block it briefly
-/// (pausing waits for the vCPUs), never indefinitely.
+/// (pausing waits for the vCPUs), never indefinitely; except `snapshot`, which runs on a
+/// thread of its own while the API thread goes on answering the other calls.
 pub trait VmApi: Send + Sync {
     fn info(&self) -> VmInfo;
     /// Returns the state reached (normally `paused`).
@@ -170,22 +171,10 @@ impl<A: VmApi + ?Sized> Router<A> {
                 ),
                 Err(e) => e.response(),
             },
-            Route::Snapshot => {
-                if req.body.trim_ascii_start().first() != Some(&b'{') {
-                    return Response::error(
-                        400,
-                        "a snapshot needs a JSON object body: {\"dir\": \"/path\"}",
-                    );
-                }
-                let body: SnapshotRequest = match serde_json::from_slice(&req.body) {
-                    Ok(b) => b,
-                    Err(e) => return Response::error(400, format!("invalid request body: {e}")),
-                };
-                match self.vm.snapshot(&body) {
-                    Ok(report) => Response::json(200, &report),
-                    Err(e) => e.response(),
-                }
-            }
+            Route::Snapshot => match snapshot_request(req) {
+                Ok(body) => snapshot_response(self.vm.snapshot(&body)),
+                Err(refusal) => refusal,
+            },
             Route::Counters => Response::json(200, &self.vm.counters()),
             Route::Metrics => {
                 // The state first: a VM paused between the two reads shows paused with
@@ -198,7 +187,31 @@ impl<A: VmApi + ?Sized> Router<A> {
     }
 }
 
-impl<A: VmApi + ?Sized> Handler for Router<A> {
+impl<A: VmApi + ?Sized + 'static> Handler for Router<A> {
+    /// A snapshot is written on a thread of its own: it pauses the guest for as long as
+    /// writing its memory takes (seconds for gigabytes), and meanwhile other clients must
+    /// still get `info`, counters and metrics (the VM control refuses conflicting actions).
+    fn start(&self, req: &Request) -> Option<mpsc::Receiver<Response>> {
+        let path = req.path.strip_suffix('/').unwrap_or(&req.path);
+        if path != "/v1/vm/snapshot" || !ACTION.contains(&req.method.as_str()) {
+            return None;
+        }
+        // A bad body is answered at once, by `handle`.
+        let body = snapshot_request(req).ok()?;
+        let (answer, response) = mpsc::channel();
+        let vm = self.vm.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vmon-snapshot".into())
+            .spawn(move || {
+                let _ = answer.send(snapshot_response(vm.snapshot(&body)));
+            });
+        match spawned {
+            Ok(_) => Some(response),
+            // Without a thread, the snapshot is taken the old way, on the API thread.
+            Err(_) => None,
+        }
+    }
+
     fn handle(&self, req: &Request) -> Response {
         // One trailing slash is forgiven: `/v1/vm/` is plainly `/v1/vm`.
         let path = match req.path.strip_suffix('/') {
@@ -222,6 +235,25 @@ impl<A: VmApi + ?Sized> Handler for Router<A> {
             .with_header("Allow", allow);
         }
         self.route(req, route)
+    }
+}
+
+/// The body of a snapshot request, or the 400 that refuses it.
+fn snapshot_request(req: &Request) -> Result<SnapshotRequest, Response> {
+    if req.body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Response::error(
+            400,
+            "a snapshot needs a JSON object body: {\"dir\": \"/path\"}",
+        ));
+    }
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))
+}
+
+fn snapshot_response(result: Result<serde_json::Value, ApiError>) -> Response {
+    match result {
+        Ok(report) => Response::json(200, &report),
+        Err(e) => e.response(),
     }
 }
 

@@ -27,7 +27,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,10 @@ const ACCEPT_BATCH: usize = 64;
 /// How long to stop accepting after the process ran out of descriptors, which would
 /// otherwise leave the listener readable and the thread spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often a connection waiting for a response answered later checks for it.
+const AWAIT_POLL: Duration = Duration::from_millis(5);
+/// How long a stopping server still waits to send responses answered later.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Every bound the server enforces. The defaults suit production; tests shorten the times.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +99,16 @@ impl Default for Limits {
 /// What serves requests: called on the API thread, one request at a time.
 pub trait Handler: Send + Sync {
     fn handle(&self, request: &Request) -> Response;
+
+    /// A request whose work takes long (a snapshot writing gigabytes) is answered later:
+    /// this starts the work elsewhere and returns where its response will arrive. The
+    /// server goes on serving other connections; this one answers nothing else until the
+    /// response arrives, however long that takes. `None` (the default): [`Self::handle`]
+    /// answers it now.
+    fn start(&self, request: &Request) -> Option<mpsc::Receiver<Response>> {
+        let _ = request;
+        None
+    }
 }
 
 impl<F: Fn(&Request) -> Response + Send + Sync> Handler for F {
@@ -359,6 +373,17 @@ pub(crate) struct Session {
     /// The last response is queued (it said `Connection: close`); nothing more is read or
     /// answered.
     closing: bool,
+    /// A request answered later ([`Handler::start`]); requests behind it wait.
+    awaiting: Option<Awaiting>,
+}
+
+/// A request whose response comes from elsewhere, and how to frame it when it does.
+#[derive(Debug)]
+struct Awaiting {
+    response: mpsc::Receiver<Response>,
+    head_only: bool,
+    connection: Connection,
+    keep_alive: bool,
 }
 
 impl Session {
@@ -396,6 +421,11 @@ impl Session {
         self.closing
     }
 
+    /// Waiting for the response of a request answered later.
+    pub(crate) fn is_awaiting(&self) -> bool {
+        self.awaiting.is_some()
+    }
+
     pub(crate) fn pending_output(&self) -> &[u8] {
         self.output.get(self.sent..).unwrap_or_default()
     }
@@ -422,6 +452,21 @@ impl Session {
     ) -> usize {
         let mut answered = 0;
         while !self.closing && self.pending_output().len() < limits.max_queued_output {
+            if let Some(a) = &self.awaiting {
+                let response = match a.response.try_recv() {
+                    Ok(r) => r,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        Response::error(500, "the operation ended without an answer")
+                    }
+                };
+                let (head_only, connection, keep_alive) = (a.head_only, a.connection, a.keep_alive);
+                self.awaiting = None;
+                self.queue(&response, head_only, connection, stats);
+                self.closing = !keep_alive;
+                answered += 1;
+                continue;
+            }
             match http::parse_request(&self.input, limits.max_head, limits.max_body) {
                 Parsed::NeedMore { .. } if self.input_ended => {
                     self.closing = true;
@@ -438,9 +483,6 @@ impl Session {
                 Parsed::Complete { request, consumed } => {
                     self.input.drain(..consumed);
                     self.continue_sent = false;
-                    // A panicking handler must not take the API thread down with it.
-                    let response = catch_unwind(AssertUnwindSafe(|| handler.handle(&request)))
-                        .unwrap_or_else(|_| Response::error(500, "internal error"));
                     let connection = if !request.keep_alive {
                         Connection::Close
                     } else if request.version == 0 {
@@ -448,6 +490,28 @@ impl Session {
                     } else {
                         Connection::Default
                     };
+                    // A panicking handler must not take the API thread down with it.
+                    match catch_unwind(AssertUnwindSafe(|| handler.start(&request))) {
+                        Ok(Some(response)) => {
+                            self.awaiting = Some(Awaiting {
+                                response,
+                                head_only: request.method == "HEAD",
+                                connection,
+                                keep_alive: request.keep_alive,
+                            });
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(_) => {
+                            let response = Response::error(500, "internal error");
+                            self.queue(&response, request.method == "HEAD", connection, stats);
+                            self.closing = !request.keep_alive;
+                            answered += 1;
+                            continue;
+                        }
+                    }
+                    let response = catch_unwind(AssertUnwindSafe(|| handler.handle(&request)))
+                        .unwrap_or_else(|_| Response::error(500, "internal error"));
                     self.queue(&response, request.method == "HEAD", connection, stats);
                     self.closing = !request.keep_alive;
                     answered += 1;
@@ -561,6 +625,9 @@ impl Conn {
         if self.dead {
             return None;
         }
+        if self.session.is_awaiting() {
+            return Some(Instant::now() + AWAIT_POLL);
+        }
         if let Some(t) = self.linger_until {
             return Some(t);
         }
@@ -582,6 +649,11 @@ impl Conn {
         }
         if let Some(t) = self.linger_until {
             self.dead = now >= t;
+            return;
+        }
+        if self.session.is_awaiting() {
+            // No request timeout while the work runs; its answer may be in.
+            self.advance(now, ctx);
             return;
         }
         if let Some(t) = self.write_deadline {
@@ -857,6 +929,7 @@ impl EventLoop {
                 continue;
             }
             if self.fds[0].revents != 0 {
+                self.finish_awaiting();
                 return;
             }
 
@@ -892,6 +965,38 @@ impl EventLoop {
             if self.fds[1].revents & libc::POLLIN != 0 {
                 self.accept(now);
             }
+        }
+    }
+
+    /// On the way out: a response answered later that is in, or arrives within
+    /// [`SHUTDOWN_GRACE`], still goes to its client. A snapshot with `stop` ends the VM
+    /// (and so this server) just as its answer is sent.
+    fn finish_awaiting(&mut self) {
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        loop {
+            let now = Instant::now();
+            let pool_free = self.pool_free();
+            let mut ctx = Ctx {
+                handler: &*self.handler,
+                stats: &self.stats,
+                limits: &self.limits,
+                scratch: &mut self.scratch,
+                pool_free,
+            };
+            let mut waiting = false;
+            for c in &mut self.conns {
+                let busy = |c: &Conn| {
+                    !c.dead && (c.session.is_awaiting() || !c.session.pending_output().is_empty())
+                };
+                if busy(c) {
+                    c.advance(now, &mut ctx);
+                    waiting |= busy(c);
+                }
+            }
+            if !waiting || now >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

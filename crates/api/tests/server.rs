@@ -721,3 +721,108 @@ fn large_bodies_share_a_bounded_pool() {
     );
     assert_eq!(s.vm.calls(), ["shutdown 3"]);
 }
+
+/// A handler whose `/slow` requests are answered later, by whoever holds the sender the
+/// test gets through `pending`; everything else is answered at once.
+struct Deferring {
+    pending: std::sync::Mutex<std::sync::mpsc::Sender<std::sync::mpsc::Sender<Response>>>,
+}
+
+impl vmon_api::server::Handler for Deferring {
+    fn handle(&self, request: &vmon_api::Request) -> Response {
+        Response::text(200, format!("now {}", request.path))
+    }
+
+    fn start(&self, request: &vmon_api::Request) -> Option<std::sync::mpsc::Receiver<Response>> {
+        if request.path != "/slow" {
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.pending.lock().unwrap().send(tx).unwrap();
+        Some(rx)
+    }
+}
+
+/// Reads from `stream` into `seen` until `needle` is in it; returns all of `seen`.
+fn read_until(stream: &mut UnixStream, seen: &mut Vec<u8>, needle: &str) -> String {
+    use std::io::Read;
+    let mut b = [0u8; 1024];
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        let n = stream.read(&mut b).unwrap();
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(seen).into_owned()
+}
+
+#[test]
+fn a_request_answered_later_holds_only_its_own_connection() {
+    let dir = TempDir::new();
+    let path = dir.join("api.sock");
+    let (tx, pending) = std::sync::mpsc::channel();
+    let handler = Arc::new(Deferring {
+        pending: std::sync::Mutex::new(tx),
+    });
+    let handle = ApiServer::bind(&path).unwrap().spawn(handler).unwrap();
+
+    // A slow request with a fast one pipelined behind it on the same connection.
+    let mut slow = UnixStream::connect(&path).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let answer = pending.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    // Meanwhile, other connections are answered, well past the request timeout.
+    let limits = Limits::default();
+    let until = Instant::now() + limits.request_timeout + Duration::from_millis(500);
+    while Instant::now() < until {
+        let r =
+            vmon_api::client::request(&path, "GET", "/fast", None, Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, b"now /fast".as_slice())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The slow connection has had nothing yet: not a 408, not the pipelined answer.
+    slow.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 64];
+    let early = std::io::Read::read(&mut slow, &mut b);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{early:?}"
+    );
+    slow.set_nonblocking(false).unwrap();
+
+    answer.send(Response::text(200, "later")).unwrap();
+    let mut seen = Vec::new();
+    let text = read_until(&mut slow, &mut seen, "now /after");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let later = text.find("later").expect("the later answer");
+    assert!(
+        later < text.find("now /after").unwrap(),
+        "out of order: {text}"
+    );
+
+    // A handler that drops its sender gets its client a 500, not a hang.
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    drop(pending.recv_timeout(Duration::from_secs(5)).unwrap());
+    let text = read_until(&mut slow, &mut seen, "without an answer");
+    assert!(text.contains("HTTP/1.1 500"), "{text}");
+
+    // A server told to stop still sends an answer that arrives just after.
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let answer = pending.recv_timeout(Duration::from_secs(5)).unwrap();
+    let stopper = std::thread::spawn(move || handle.shutdown());
+    std::thread::sleep(Duration::from_millis(50));
+    answer.send(Response::text(200, "last")).unwrap();
+    read_until(&mut slow, &mut seen, "last");
+    stopper.join().unwrap();
+}

@@ -228,6 +228,18 @@ pub struct VmControl {
     memory_mib: u64,
     /// Set by the API thread so the counters can include it.
     api_stats: Mutex<Option<ApiStats>>,
+    /// A snapshot is being written (on a thread of its own, so the API keeps answering):
+    /// actions that would change the VM's state under it are refused meanwhile.
+    snapshotting: AtomicBool,
+}
+
+/// Clears [`VmControl::snapshotting`] however the snapshot ends.
+struct SnapshotInProgress<'a>(&'a AtomicBool);
+
+impl Drop for SnapshotInProgress<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 pub struct ControlParts {
@@ -262,6 +274,7 @@ impl VmControl {
             config: parts.config,
             memory_mib: parts.memory_mib,
             api_stats: Mutex::new(None),
+            snapshotting: AtomicBool::new(false),
         })
     }
 
@@ -350,6 +363,12 @@ impl VmControl {
     /// every vCPU, the in-kernel irqchip/PIT/clock, every device and guest memory, then
     /// resumes it, or stops it when `stop_after`.
     pub fn snapshot(&self, dir: &Path, stop_after: bool) -> Result<SnapshotReport, ApiError> {
+        if self.snapshotting.swap(true, Ordering::AcqRel) {
+            return Err(ApiError::conflict(
+                "a snapshot is already being written".into(),
+            ));
+        }
+        let _in_progress = SnapshotInProgress(&self.snapshotting);
         let started = Instant::now();
         std::fs::create_dir_all(dir)
             .map_err(|e| ApiError::bad_request(format!("cannot create {}: {e}", dir.display())))?;
@@ -700,21 +719,38 @@ impl VmControl {
     }
 }
 
+impl VmControl {
+    /// Pause, resume, shutdown and stop wait while a snapshot is written: they would
+    /// change the VM's state under it.
+    fn refuse_during_snapshot(&self, what: &str) -> Result<(), ApiError> {
+        if self.snapshotting.load(Ordering::Acquire) {
+            return Err(ApiError::conflict(format!(
+                "cannot {what}: a snapshot is being written; try again when it is done"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The API's view of the VM is exactly this control block.
 impl VmApi for VmControl {
     fn info(&self) -> VmInfo {
         VmControl::info(self)
     }
     fn pause(&self) -> Result<VmState, ApiError> {
+        self.refuse_during_snapshot("pause")?;
         VmControl::pause(self)
     }
     fn resume(&self) -> Result<VmState, ApiError> {
+        self.refuse_during_snapshot("resume")?;
         VmControl::resume(self)
     }
     fn shutdown(&self, timeout: Duration) -> Result<Duration, ApiError> {
+        self.refuse_during_snapshot("shut down")?;
         VmControl::shutdown(self, timeout)
     }
     fn stop(&self) -> Result<(), ApiError> {
+        self.refuse_during_snapshot("stop")?;
         VmControl::stop(self)
     }
     fn counters(&self) -> Counters {

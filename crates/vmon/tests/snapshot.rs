@@ -308,3 +308,97 @@ fn clones_get_their_own_disks_and_do_not_collide() {
     assert_eq!(post(&socket, "/v1/vm/stop", "").0, 202);
     finish(vm, &mut out.stdout.into_bytes());
 }
+
+fn get(socket: &Path, path: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+/// A snapshot is written on a thread of its own: while it writes 256 MiB, other clients
+/// still get answers (`info` says paused), and actions that would change the VM under it
+/// (resume, a second snapshot) are refused with 409. Afterwards the VM runs on.
+#[test]
+fn the_api_answers_while_a_snapshot_is_written() {
+    require_kvm!();
+    let dir = Scratch::new("snapshot-api-busy");
+    let kernel = dir.file(
+        "touch",
+        &tg::elf64(
+            &tg::touch_then_count(2 << 20, 256 << 20, 2000),
+            tg::DEFAULT_LOAD_ADDR,
+        ),
+    );
+    let socket = dir.path().join("api.sock");
+    let mut vm = spawn(&[
+        "run",
+        "--memory",
+        "256M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let mut out = Vec::new();
+    read_lines(&mut vm, &mut out, 2);
+    assert!(String::from_utf8_lossy(&out).starts_with("touched\n"));
+    wait_socket(&socket);
+
+    let snap = dir.path().join("snap");
+    let body = format!(r#"{{"dir": "{}"}}"#, snap.display());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (socket, done) = (socket.clone(), done.clone());
+        std::thread::spawn(move || {
+            let answer = post(&socket, "/v1/vm/snapshot", &body);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            answer
+        })
+    };
+    // Answers that arrived while the snapshot was still being written. The probes start
+    // once `info` shows the VM paused (the writer's request may not be in yet); one that
+    // lands just after the snapshot ended may be answered differently, so what is required
+    // is that some were refused for the snapshot, and none otherwise.
+    let (mut infos, mut refusals) = (0, 0);
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let (status, info) = get(&socket, "/v1/vm");
+        assert_eq!(status, 200, "{info}");
+        if !info.contains(r#""state":"paused""#) {
+            continue;
+        }
+        infos += 1;
+        let (resumed, why) = post(&socket, "/v1/vm/resume", "");
+        let (again, why_again) = post(&socket, "/v1/vm/snapshot", r#"{"dir": "/nonexistent/x"}"#);
+        if resumed == 409 && again == 409 {
+            assert!(why.contains("snapshot"), "{why}");
+            assert!(why_again.contains("already being written"), "{why_again}");
+            refusals += 1;
+        }
+    }
+    let (status, report) = writer.join().unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert!(
+        infos > 0,
+        "no answer while the snapshot was written: {report}"
+    );
+    assert!(
+        refusals > 0,
+        "resume and snapshot were never refused during the snapshot"
+    );
+    // The snapshot resumed the VM: it counts on.
+    let (status, info) = get(&socket, "/v1/vm");
+    assert_eq!(status, 200);
+    assert!(info.contains(r#""state":"running""#), "{info}");
+    let before = out.len();
+    read_lines(&mut vm, &mut out, 4);
+    assert!(out.len() > before);
+    let _ = vm.kill();
+    let _ = vm.wait();
+}
