@@ -12,6 +12,9 @@ use vmon_vmm::exit_codes;
 
 /// How long `ctl` waits for an answer. Pausing waits up to 2 s for the vCPUs.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `ctl snapshot` waits: writing the memory of a large guest to a slow disk takes
+/// minutes (64 GiB at 100 MB/s: 11 minutes).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// `vmon ctl`: the API answered with an error status.
 pub const API_REFUSED: i32 = 1;
 /// `vmon ctl`: nothing accepts connections at that socket.
@@ -95,7 +98,10 @@ pub fn run(args: CtlArgs) -> i32 {
         method,
         path,
         body.as_deref().map(str::as_bytes),
-        TIMEOUT,
+        match args.action {
+            Action::Snapshot { .. } => SNAPSHOT_TIMEOUT,
+            _ => TIMEOUT,
+        },
     ) {
         Ok(r) => r,
         Err(e @ client::ClientError::Connect { .. }) => {
