@@ -191,6 +191,98 @@ fn a_debian_guest_with_a_disk_continues_in_a_new_process() {
     }
 }
 
+/// The issue's own cycle: a guest process counts in memory and appends each number to a
+/// file on an ext4 filesystem on its virtio disk (synced each time), and prints it. It is
+/// snapshotted and stopped mid-count; a new vmon process restores it, the count goes on to
+/// 40, the guest unmounts the filesystem and exits. The console holds 0..=39 without a gap
+/// or repeat across the two processes, and so does the file (read on the host with
+/// debugfs), and the filesystem is clean.
+#[test]
+fn a_guest_appending_to_a_file_on_ext4_continues_in_a_new_process() {
+    if !linux_tier("a_guest_appending_to_a_file_on_ext4_continues_in_a_new_process") {
+        return;
+    }
+    let dir = Scratch::in_memory("linux-snapshot-ext4");
+    let img = dir.path().join("data.ext4");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&img)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for this test");
+    assert!(mkfs.success());
+    let disk = format!("path={}", img.display());
+    let s1 = dir.path().join("a.sock");
+    let snap = dir.path().join("snap");
+    let script = "mkdir -p /data && mount -t ext4 /dev/vda /data || exit 3; i=0; \
+        while [ $i -lt 40 ]; do echo $i >> /data/count; sync; echo $i; i=$((i+1)); \
+        sleep 0.1; done; umount /data || exit 4";
+    let mut vm = Vmon::spawn(&[
+        "run",
+        "--memory",
+        "512M",
+        "--disk",
+        &disk,
+        "--api-socket",
+        s1.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    vm.wait_lines(10);
+    vm.wait_socket(&s1);
+    let (status, body) = post(
+        &s1,
+        "/v1/vm/snapshot",
+        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (code, err, before) = vm.end();
+    assert_eq!(code, 0, "{err}");
+    let printed_before = String::from_utf8_lossy(&before).lines().count();
+    assert!(printed_before < 40, "the count ended before the snapshot");
+
+    let restored = Vmon::spawn(&["restore", snap.to_str().unwrap()]);
+    // The guest ends the count itself, unmounts and exits 0.
+    let (code, err, after) = restored.end();
+    assert_eq!(code, 0, "the restored guest's script failed: {err}");
+    let mut all = before;
+    all.extend_from_slice(&after);
+    let console = String::from_utf8_lossy(&all).into_owned();
+    let expected: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+    assert_eq!(
+        console.lines().collect::<Vec<_>>(),
+        expected,
+        "console across the restore"
+    );
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /count"])
+        .arg(&img)
+        .stderr(Stdio::null())
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    let file = String::from_utf8_lossy(&cat.stdout).into_owned();
+    assert_eq!(
+        file.lines().collect::<Vec<_>>(),
+        expected,
+        "the file across the restore"
+    );
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&img)
+        .output()
+        .expect("e2fsck (e2fsprogs)");
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
 /// After a restore the old host connections are gone (the device tells the guest with a
 /// TRANSPORT_RESET), and a connection made through the clone's new vsock socket reaches
 /// the guest's listener and echoes.
