@@ -874,19 +874,7 @@ impl EventLoop {
     fn run(mut self) {
         loop {
             let now = Instant::now();
-            {
-                let pool_free = self.pool_free();
-                let mut ctx = Ctx {
-                    handler: &*self.handler,
-                    stats: &self.stats,
-                    limits: &self.limits,
-                    scratch: &mut self.scratch,
-                    pool_free,
-                };
-                for c in &mut self.conns {
-                    c.check_timers(now, &mut ctx);
-                }
-            }
+            self.for_each_conn(|c, _, ctx| c.check_timers(now, ctx));
             self.reap();
             self.rejected.retain(|(_, until)| now < *until);
             if self.accept_paused_until.is_some_and(|t| now >= t) {
@@ -934,19 +922,14 @@ impl EventLoop {
             }
 
             let now = Instant::now();
-            let pool_free = self.pool_free();
-            let mut ctx = Ctx {
-                handler: &*self.handler,
-                stats: &self.stats,
-                limits: &self.limits,
-                scratch: &mut self.scratch,
-                pool_free,
-            };
-            for (c, p) in self.conns.iter_mut().zip(&self.fds[2..]) {
-                if p.revents != 0 {
-                    c.service(now, p.revents, &mut ctx);
+            let fds = std::mem::take(&mut self.fds);
+            self.for_each_conn(|c, i, ctx| {
+                let revents = fds[2 + i].revents;
+                if revents != 0 {
+                    c.service(now, revents, ctx);
                 }
-            }
+            });
+            self.fds = fds;
             // Drain what 503'd clients still send; drop them at EOF or error.
             let polled = &self.fds[2 + self.conns.len()..];
             let mut keep = Vec::with_capacity(self.rejected.len());
@@ -975,28 +958,35 @@ impl EventLoop {
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         loop {
             let now = Instant::now();
-            let pool_free = self.pool_free();
-            let mut ctx = Ctx {
-                handler: &*self.handler,
-                stats: &self.stats,
-                limits: &self.limits,
-                scratch: &mut self.scratch,
-                pool_free,
+            let busy = |c: &Conn| {
+                !c.dead && (c.session.is_awaiting() || !c.session.pending_output().is_empty())
             };
             let mut waiting = false;
-            for c in &mut self.conns {
-                let busy = |c: &Conn| {
-                    !c.dead && (c.session.is_awaiting() || !c.session.pending_output().is_empty())
-                };
+            self.for_each_conn(|c, _, ctx| {
                 if busy(c) {
-                    c.advance(now, &mut ctx);
+                    c.advance(now, ctx);
                     waiting |= busy(c);
                 }
-            }
+            });
             if !waiting || now >= deadline {
                 return;
             }
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Calls `f` on each connection (with its index) and the context they share.
+    fn for_each_conn(&mut self, mut f: impl FnMut(&mut Conn, usize, &mut Ctx<'_>)) {
+        let pool_free = self.pool_free();
+        let mut ctx = Ctx {
+            handler: &*self.handler,
+            stats: &self.stats,
+            limits: &self.limits,
+            scratch: &mut self.scratch,
+            pool_free,
+        };
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            f(c, i, &mut ctx);
         }
     }
 

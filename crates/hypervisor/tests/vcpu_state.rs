@@ -41,20 +41,25 @@ fn boot_state() -> BootCpuState {
     }
 }
 
-#[test]
-fn saved_vcpu_state_restores_into_a_new_vcpu() {
-    let Some(hv) = kvm_or_skip() else { return };
-    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-    let vm = Vm::create(&hv, &memory).unwrap();
+/// vCPU 0 of a 2-vCPU VM, configured for a 64-bit boot.
+fn boot_vcpu(hv: &Hypervisor, vm: &Vm) -> vmon_hypervisor::Vcpu {
     let profile = CpuProfile {
         vcpus: 2,
         nested: false,
         tsc_deadline: hv.has_tsc_deadline(),
     };
-    let original = vm.create_vcpu(0).unwrap();
-    original
-        .configure(&profile, hv.supported_cpuid().unwrap(), Some(&boot_state()))
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(&profile, hv.supported_cpuid().unwrap(), Some(&boot_state()))
         .unwrap();
+    vcpu
+}
+
+#[test]
+fn saved_vcpu_state_restores_into_a_new_vcpu() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+    let vm = Vm::create(&hv, &memory).unwrap();
+    let original = boot_vcpu(&hv, &vm);
     let saved = original.save().unwrap();
     assert_eq!(saved.regs.rip, 0x10_0000);
     assert_eq!(saved.sregs.cr3, 0x9000);
@@ -134,15 +139,7 @@ fn msrs_the_guest_programs_survive_a_restore() {
     let Some(hv) = kvm_or_skip() else { return };
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
     let vm = Vm::create(&hv, &memory).unwrap();
-    let profile = CpuProfile {
-        vcpus: 2,
-        nested: false,
-        tsc_deadline: hv.has_tsc_deadline(),
-    };
-    let original = vm.create_vcpu(0).unwrap();
-    original
-        .configure(&profile, hv.supported_cpuid().unwrap(), Some(&boot_state()))
-        .unwrap();
+    let original = boot_vcpu(&hv, &vm);
     let mut saved = original.save().unwrap();
     // Linux's PAT layout, the vector Linux uses for async page faults, a write-back MTRR.
     let wanted = [

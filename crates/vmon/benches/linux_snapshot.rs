@@ -14,12 +14,13 @@
 //!
 //! Run: `VMON_KIT=$(vmon kit) cargo bench -p vmon --bench linux_snapshot [-- RUNS]`.
 
+#[path = "../tests/common/api_client.rs"]
+mod api_client;
 mod common;
 #[path = "../tests/common/guest_tools.rs"]
 mod guest_tools;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -28,19 +29,6 @@ use std::time::{Duration, Instant};
 const VMON: &str = env!("CARGO_BIN_EXE_vmon");
 /// How long one guest may take to fill its memory, or to answer, before the run is abandoned.
 const PATIENCE: Duration = Duration::from_secs(600);
-
-fn post(socket: &Path, path: &str, body: &str) -> String {
-    let mut s = UnixStream::connect(socket).expect("connect");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    resp.split_once("\r\n\r\n").unwrap().1.to_string()
-}
 
 /// A vmon process whose stdout is read on a thread and searched as it arrives.
 struct Vm {
@@ -87,14 +75,6 @@ impl Vm {
         }
     }
 
-    fn wait_socket(&self, socket: &Path) {
-        let deadline = Instant::now() + PATIENCE;
-        while UnixStream::connect(socket).is_err() {
-            assert!(Instant::now() < deadline, "no API socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     fn end(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -127,8 +107,8 @@ fn take_snapshot(memory: &str, dir: &Path, snap: &Path) -> (u64, f64, u64) {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    vm.wait_socket(&socket);
-    let answer = post(
+    api_client::wait_socket(&socket, PATIENCE);
+    let (_, answer) = api_client::post(
         &socket,
         "/v1/vm/snapshot",
         &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
@@ -150,24 +130,6 @@ fn restore_latency(snap: &Path) -> Duration {
     let took = t0.elapsed();
     vm.end();
     took
-}
-
-/// (RSS, PSS) of a process in KiB.
-fn rss_pss(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    (field("Rss:"), field("Pss:"))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -214,7 +176,10 @@ fn main() {
     for c in &mut clones {
         c.wait_line("answer: ping");
     }
-    let clone_mem: Vec<(u64, u64)> = clones.iter().map(|c| rss_pss(c.child.id())).collect();
+    let clone_mem: Vec<(u64, u64)> = clones
+        .iter()
+        .map(|c| common::rss_pss(c.child.id()))
+        .collect();
     clones.into_iter().for_each(Vm::end);
     let args = boot_args("256M", None);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -222,23 +187,15 @@ fn main() {
     for b in &mut booted {
         b.wait_line("holding ");
     }
-    let boot_mem: Vec<(u64, u64)> = booted.iter().map(|c| rss_pss(c.child.id())).collect();
+    let boot_mem: Vec<(u64, u64)> = booted
+        .iter()
+        .map(|c| common::rss_pss(c.child.id()))
+        .collect();
     booted.into_iter().for_each(Vm::end);
-    let sum = |v: &[(u64, u64)]| -> (f64, f64) {
-        (
-            v.iter().map(|x| x.0).sum::<u64>() as f64 / 1024.0,
-            v.iter().map(|x| x.1).sum::<u64>() as f64 / 1024.0,
-        )
-    };
-    let (crss, cpss) = sum(&clone_mem);
-    let (brss, bpss) = sum(&boot_mem);
-    println!("  10 x 256 MiB Debian guests holding their memory, host memory of the VMMs (MiB):");
-    println!("    10 clones of one snapshot: RSS {crss:8.1}  PSS {cpss:8.1}");
-    println!("    10 independent boots:      RSS {brss:8.1}  PSS {bpss:8.1}");
-    println!(
-        "    clones / independent:      RSS {:.2}x  PSS {:.2}x",
-        crss / brss,
-        cpss / bpss
+    common::print_clone_memory(
+        "10 x 256 MiB Debian guests holding their memory",
+        &clone_mem,
+        &boot_mem,
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,10 +10,11 @@
 //! Run: `cargo bench -p vmon --bench snapshot [-- RUNS]`. Prints medians; results are in
 //! docs/benchmarks.md. Not a test: nothing asserts a figure.
 
+#[path = "../tests/common/api_client.rs"]
+mod api_client;
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,19 +23,6 @@ use vmon_tinyguest as tg;
 
 const VMON: &str = env!("CARGO_BIN_EXE_vmon");
 const MIB: u64 = 1 << 20;
-
-fn post(socket: &Path, path: &str, body: &str) -> String {
-    let mut s = UnixStream::connect(socket).expect("connect");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    resp.split_once("\r\n\r\n").unwrap().1.to_string()
-}
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(VMON)
@@ -58,32 +46,6 @@ fn wait_for(child: &mut Child, needle: &[u8], times: usize) {
     }
 }
 
-fn wait_socket(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// (RSS, PSS) of a process in KiB.
-fn rss_pss(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    (field("Rss:"), field("Pss:"))
-}
-
 struct Guest {
     kernel: PathBuf,
     memory: String,
@@ -104,9 +66,9 @@ fn take_snapshot(g: &Guest, dir: &Path) -> (f64, u64) {
         socket.to_str().unwrap(),
     ]);
     wait_for(&mut vm, b"touched\n", 1);
-    wait_socket(&socket);
+    api_client::wait_socket(&socket, Duration::from_secs(30));
     let snap = dir.join("snap");
-    let answer = post(
+    let (_, answer) = api_client::post(
         &socket,
         "/v1/vm/snapshot",
         &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
@@ -207,7 +169,7 @@ fn main() {
     for c in &mut clones {
         wait_for(c, b"\n", 3);
     }
-    let clone_mem: Vec<(u64, u64)> = clones.iter().map(|c| rss_pss(c.id())).collect();
+    let clone_mem: Vec<(u64, u64)> = clones.iter().map(|c| common::rss_pss(c.id())).collect();
     for c in &mut clones {
         let _ = c.kill();
         let _ = c.wait();
@@ -226,26 +188,15 @@ fn main() {
     for c in &mut fresh {
         wait_for(c, b"touched\n", 1);
     }
-    let fresh_mem: Vec<(u64, u64)> = fresh.iter().map(|c| rss_pss(c.id())).collect();
+    let fresh_mem: Vec<(u64, u64)> = fresh.iter().map(|c| common::rss_pss(c.id())).collect();
     for c in &mut fresh {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let sum = |v: &[(u64, u64)]| -> (f64, f64) {
-        (
-            v.iter().map(|x| x.0).sum::<u64>() as f64 / 1024.0,
-            v.iter().map(|x| x.1).sum::<u64>() as f64 / 1024.0,
-        )
-    };
-    let (crss, cpss) = sum(&clone_mem);
-    let (frss, fpss) = sum(&fresh_mem);
-    println!("  10 x 256 MiB guests with all memory touched, host memory (MiB):");
-    println!("    10 clones of one snapshot: RSS {crss:8.1}  PSS {cpss:8.1}");
-    println!("    10 independent boots:      RSS {frss:8.1}  PSS {fpss:8.1}");
-    println!(
-        "    clones / independent:      RSS {:.2}x  PSS {:.2}x",
-        crss / frss,
-        cpss / fpss
+    common::print_clone_memory(
+        "10 x 256 MiB guests with all memory touched",
+        &clone_mem,
+        &fresh_mem,
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,22 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::api_client::{post, wait_socket};
 use common::{linux_tier, Scratch, VMON};
-
-fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, resp.split_once("\r\n\r\n").unwrap().1.to_string())
-}
 
 struct Vmon {
     child: Child,
@@ -83,12 +69,21 @@ impl Vmon {
         String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
     }
 
-    fn wait_socket(&self, socket: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while UnixStream::connect(socket).is_err() {
-            assert!(Instant::now() < deadline, "no API socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// Snapshots the VM through its API socket into `snap` with `stop`, and waits for this
+    /// process to end (exit 0); returns what the guest printed.
+    fn snapshot_and_stop(self, socket: &Path, snap: &Path) -> Vec<u8> {
+        wait_socket(socket, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let (status, body) = post(
+            socket,
+            "/v1/vm/snapshot",
+            &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
+        );
+        eprintln!("snapshot took {:?}: {body}", t0.elapsed());
+        assert_eq!(status, 200, "{body}");
+        let (code, err, out) = self.end();
+        assert_eq!(code, 0, "{err}");
+        out
     }
 
     fn end(mut self) -> (i32, String, Vec<u8>) {
@@ -140,17 +135,7 @@ fn a_debian_guest_with_a_disk_continues_in_a_new_process() {
         script,
     ]);
     vm.wait_lines(10);
-    vm.wait_socket(&s1);
-    let t0 = Instant::now();
-    let (status, body) = post(
-        &s1,
-        "/v1/vm/snapshot",
-        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
-    );
-    eprintln!("snapshot took {:?}: {body}", t0.elapsed());
-    assert_eq!(status, 200, "{body}");
-    let (code, err, before) = vm.end();
-    assert_eq!(code, 0, "{err}");
+    let before = vm.snapshot_and_stop(&s1, &snap);
 
     let t1 = Instant::now();
     let mut restored = Vmon::spawn(&[
@@ -162,7 +147,7 @@ fn a_debian_guest_with_a_disk_continues_in_a_new_process() {
     restored.wait_lines(1);
     eprintln!("restore to the first console line: {:?}", t1.elapsed());
     restored.wait_lines(10);
-    restored.wait_socket(&s2);
+    wait_socket(&s2, Duration::from_secs(60));
     assert_eq!(post(&s2, "/v1/vm/stop", "").0, 202);
     let (code, err, after) = restored.end();
     assert_eq!(code, 0, "{err}");
@@ -234,15 +219,7 @@ fn a_guest_appending_to_a_file_on_ext4_continues_in_a_new_process() {
         script,
     ]);
     vm.wait_lines(10);
-    vm.wait_socket(&s1);
-    let (status, body) = post(
-        &s1,
-        "/v1/vm/snapshot",
-        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
-    );
-    assert_eq!(status, 200, "{body}");
-    let (code, err, before) = vm.end();
-    assert_eq!(code, 0, "{err}");
+    let before = vm.snapshot_and_stop(&s1, &snap);
     let printed_before = String::from_utf8_lossy(&before).lines().count();
     assert!(printed_before < 40, "the count ended before the snapshot");
 
@@ -312,17 +289,9 @@ fn a_vsock_connection_after_restore_works() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Vmon::spawn(&args);
     vm.wait_lines(1);
-    vm.wait_socket(&s1);
     // Let the listener get to accept().
     std::thread::sleep(Duration::from_secs(2));
-    let (status, body) = post(
-        &s1,
-        "/v1/vm/snapshot",
-        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
-    );
-    assert_eq!(status, 200, "{body}");
-    let (code, err, _) = vm.end();
-    assert_eq!(code, 0, "{err}");
+    vm.snapshot_and_stop(&s1, &snap);
 
     let mut restored = Vmon::spawn(&[
         "restore",
@@ -332,7 +301,7 @@ fn a_vsock_connection_after_restore_works() {
         "--vsock-socket",
         v2.to_str().unwrap(),
     ]);
-    restored.wait_socket(&s2);
+    wait_socket(&s2, Duration::from_secs(60));
     let deadline = Instant::now() + Duration::from_secs(60);
     while !v2.exists() {
         assert!(
@@ -406,15 +375,7 @@ fn ten_clones_run_at_once_with_their_own_identity() {
         script,
     ]);
     vm.wait_lines(2);
-    vm.wait_socket(&s1);
-    let (status, body) = post(
-        &s1,
-        "/v1/vm/snapshot",
-        &format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display()),
-    );
-    assert_eq!(status, 200, "{body}");
-    let (code, err, out) = vm.end();
-    assert_eq!(code, 0, "{err}");
+    let out = vm.snapshot_and_stop(&s1, &snap);
     assert!(String::from_utf8_lossy(&out).contains("identity=original"));
 
     let mut clones: Vec<(String, Vmon)> = (0..CLONES)

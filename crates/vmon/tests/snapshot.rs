@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::api_client::{get, post, wait_socket};
 use common::{kvm_available, Scratch, VMON};
 use vmon_tinyguest as tg;
 
@@ -20,28 +20,6 @@ macro_rules! require_kvm {
             return;
         }
     };
-}
-
-fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, resp.split_once("\r\n\r\n").unwrap().1.to_string())
-}
-
-fn wait_socket(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Reads the child's stdout until it has `n` complete lines (or it exits).
@@ -125,7 +103,7 @@ fn a_counting_guest_continues_in_a_new_process_and_rolls_back() {
     let snap = dir.path().join("snap");
     let mut before = Vec::new();
     read_lines(&mut vm, &mut before, 20);
-    wait_socket(&socket);
+    wait_socket(&socket, Duration::from_secs(10));
     // A first snapshot that lets the VM run on; the second, into the same directory,
     // replaces it.
     let body = format!(r#"{{"dir": "{}", "stop": false}}"#, snap.display());
@@ -157,7 +135,7 @@ fn a_counting_guest_continues_in_a_new_process_and_rolls_back() {
         ]);
         let mut after = Vec::new();
         read_lines(&mut r, &mut after, 20);
-        wait_socket(&sock);
+        wait_socket(&sock, Duration::from_secs(10));
         assert_eq!(post(&sock, "/v1/vm/stop", "").0, 202);
         let (code, err) = finish(r, &mut after);
         assert_eq!(code, 0, "{err}");
@@ -204,7 +182,7 @@ fn a_corrupted_or_truncated_snapshot_is_refused_before_anything_runs() {
     let snap = dir.path().join("snap");
     let mut out = Vec::new();
     read_lines(&mut vm, &mut out, 3);
-    wait_socket(&socket);
+    wait_socket(&socket, Duration::from_secs(10));
     let body = format!(r#"{{"dir": "{}", "stop": true}}"#, snap.display());
     assert_eq!(post(&socket, "/v1/vm/snapshot", &body).0, 200);
     finish(vm, &mut out);
@@ -260,7 +238,7 @@ fn clones_get_their_own_disks_and_do_not_collide() {
     let snap = dir.path().join("snap");
     let mut out = Vec::new();
     read_lines(&mut vm, &mut out, 3);
-    wait_socket(&socket);
+    wait_socket(&socket, Duration::from_secs(10));
     // The original keeps running (and keeps its disk locked).
     let body = format!(r#"{{"dir": "{}"}}"#, snap.display());
     assert_eq!(post(&socket, "/v1/vm/snapshot", &body).0, 200);
@@ -309,19 +287,6 @@ fn clones_get_their_own_disks_and_do_not_collide() {
     finish(vm, &mut out.stdout.into_bytes());
 }
 
-fn get(socket: &Path, path: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, resp.split_once("\r\n\r\n").unwrap().1.to_string())
-}
-
 /// A snapshot is written on a thread of its own: while it writes 256 MiB, other clients
 /// still get answers (`info` says paused), and actions that would change the VM under it
 /// (resume, a second snapshot) are refused with 409. Afterwards the VM runs on.
@@ -349,7 +314,7 @@ fn the_api_answers_while_a_snapshot_is_written() {
     let mut out = Vec::new();
     read_lines(&mut vm, &mut out, 2);
     assert!(String::from_utf8_lossy(&out).starts_with("touched\n"));
-    wait_socket(&socket);
+    wait_socket(&socket, Duration::from_secs(10));
 
     let snap = dir.path().join("snap");
     let body = format!(r#"{{"dir": "{}"}}"#, snap.display());

@@ -16,9 +16,15 @@ pub struct Sample {
 }
 
 pub fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
+    kib_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
+        field,
+    )
+}
+
+/// The value of a `Name:   1234 kB` line in a /proc file, 0 if there is none.
+fn kib_field(text: &str, field: &str) -> u64 {
+    text.lines()
         .find_map(|l| {
             l.strip_prefix(field)?
                 .trim()
@@ -179,4 +185,38 @@ pub fn runs_from_args(default: usize) -> usize {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(default)
+}
+
+/// (RSS, PSS) of a process in KiB, from /proc/PID/smaps_rollup: PSS divides each shared
+/// page among the processes that map it, so it shows what clones really cost together.
+pub fn rss_pss(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    (kib_field(&text, "Rss:"), kib_field(&text, "Pss:"))
+}
+
+/// Prints the host memory of clones against independently booted VMs: each a list of
+/// (RSS, PSS) in KiB per VMM process, summed, in MiB, and their ratios.
+pub fn print_clone_memory(title: &str, clones: &[(u64, u64)], boots: &[(u64, u64)]) {
+    let sum = |v: &[(u64, u64)]| -> (f64, f64) {
+        (
+            v.iter().map(|x| x.0).sum::<u64>() as f64 / 1024.0,
+            v.iter().map(|x| x.1).sum::<u64>() as f64 / 1024.0,
+        )
+    };
+    let (crss, cpss) = sum(clones);
+    let (brss, bpss) = sum(boots);
+    println!("  {title}, host memory of the VMMs (MiB):");
+    println!(
+        "    {} clones of one snapshot: RSS {crss:8.1}  PSS {cpss:8.1}",
+        clones.len()
+    );
+    println!(
+        "    {} independent boots:      RSS {brss:8.1}  PSS {bpss:8.1}",
+        boots.len()
+    );
+    println!(
+        "    clones / independent:      RSS {:.2}x  PSS {:.2}x",
+        crss / brss,
+        cpss / bpss
+    );
 }

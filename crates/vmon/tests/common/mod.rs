@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod api_client;
 pub mod guest_tools;
 
 pub const VMON: &str = env!("CARGO_BIN_EXE_vmon");
