@@ -30,7 +30,15 @@ pub trait VmApi: Send + Sync {
     /// Stops the VM without asking the guest. Returns once the request is made.
     fn stop(&self) -> Result<(), ApiError>;
     fn counters(&self) -> Counters;
+    /// Claims the VM for a snapshot, on the API thread, before [`Self::snapshot`] runs
+    /// elsewhere: from here until `snapshot` returns, actions that would change the VM under
+    /// it (and a second snapshot) are refused. Claiming on the API thread, where requests
+    /// are handled one at a time, leaves no window for a pause to slip in between.
+    fn begin_snapshot(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
     /// Writes the VM's whole state to `request.dir`; the answer describes what was written.
+    /// Called after a successful [`Self::begin_snapshot`].
     fn snapshot(&self, request: &SnapshotRequest) -> Result<serde_json::Value, ApiError> {
         let _ = request;
         Err(ApiError::new(501, "this VM cannot be snapshotted".into()))
@@ -172,7 +180,10 @@ impl<A: VmApi + ?Sized> Router<A> {
                 Err(e) => e.response(),
             },
             Route::Snapshot => match snapshot_request(req) {
-                Ok(body) => snapshot_response(self.vm.snapshot(&body)),
+                Ok(body) => match self.vm.begin_snapshot() {
+                    Ok(()) => snapshot_response(self.vm.snapshot(&body)),
+                    Err(e) => e.response(),
+                },
                 Err(refusal) => refusal,
             },
             Route::Counters => Response::json(200, &self.vm.counters()),
@@ -196,20 +207,24 @@ impl<A: VmApi + ?Sized + 'static> Handler for Router<A> {
         if path != "/v1/vm/snapshot" || !ACTION.contains(&req.method.as_str()) {
             return None;
         }
-        // A bad body is answered at once, by `handle`.
+        // A bad body, or a VM that cannot be snapshotted now, is answered at once by `handle`.
         let body = snapshot_request(req).ok()?;
+        self.vm.begin_snapshot().ok()?;
         let (answer, response) = mpsc::channel();
         let vm = self.vm.clone();
+        let request = body.clone();
         let spawned = std::thread::Builder::new()
             .name("vmon-snapshot".into())
             .spawn(move || {
-                let _ = answer.send(snapshot_response(vm.snapshot(&body)));
+                let _ = answer.send(snapshot_response(vm.snapshot(&request)));
             });
-        match spawned {
-            Ok(_) => Some(response),
+        if spawned.is_err() {
             // Without a thread, the snapshot is taken the old way, on the API thread.
-            Err(_) => None,
+            let (answer, response) = mpsc::channel();
+            let _ = answer.send(snapshot_response(self.vm.snapshot(&body)));
+            return Some(response);
         }
+        Some(response)
     }
 
     fn handle(&self, req: &Request) -> Response {

@@ -24,6 +24,9 @@ const MXCSR_DEFAULT: u32 = 0x1F80;
 /// Where a vCPU starts after reset: CS base 0xFFFF0000, IP 0xFFF0.
 const RESET_CS_BASE: u64 = 0xFFFF_0000;
 const RESET_RIP: u64 = 0xFFF0;
+/// MSRs per KVM_GET_MSRS/KVM_SET_MSRS: KVM refuses 256 or more in one call (E2BIG), and
+/// hosts with a PMU and Hyper-V emulation list more than that.
+const MSRS_PER_IOCTL: usize = 200;
 /// Longest x86 instruction.
 const MAX_INSTRUCTION_LEN: usize = 15;
 
@@ -136,6 +139,13 @@ impl Vcpu {
     }
 
     fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
+        for chunk in entries.chunks(MSRS_PER_IOCTL) {
+            self.set_msr_batch(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn set_msr_batch(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
         let msrs = Msrs::from_entries(entries).map_err(|_| VcpuError::Ioctl {
             index: self.index,
             what: "building the MSR list",
@@ -164,7 +174,7 @@ impl Vcpu {
         let mut read = Vec::with_capacity(indices.len());
         let mut rest = indices;
         while !rest.is_empty() {
-            let wanted: Vec<kvm_msr_entry> = rest
+            let wanted: Vec<kvm_msr_entry> = rest[..rest.len().min(MSRS_PER_IOCTL)]
                 .iter()
                 .map(|&index| kvm_msr_entry {
                     index,
@@ -181,10 +191,12 @@ impl Vcpu {
                 .get_msrs(&mut buf)
                 .map_err(self.ioctl("KVM_GET_MSRS"))?;
             read.extend_from_slice(&buf.as_slice()[..n]);
-            if n < rest.len() {
+            if n < wanted.len() {
                 tracing::debug!("vCPU {}: KVM does not read MSR {:#x}", self.index, rest[n]);
+                rest = &rest[n + 1..];
+            } else {
+                rest = &rest[n..];
             }
-            rest = rest.get(n + 1..).unwrap_or(&[]);
         }
         Ok(read)
     }

@@ -362,12 +362,11 @@ impl VmControl {
     /// Writes the whole machine to `dir` (created if missing): pauses it if it runs, saves
     /// every vCPU, the in-kernel irqchip/PIT/clock, every device and guest memory, then
     /// resumes it, or stops it when `stop_after`.
+    ///
+    /// The API claims the VM first ([`VmApi::begin_snapshot`]); a snapshot not claimed
+    /// that way claims it here.
     pub fn snapshot(&self, dir: &Path, stop_after: bool) -> Result<SnapshotReport, ApiError> {
-        if self.snapshotting.swap(true, Ordering::AcqRel) {
-            return Err(ApiError::conflict(
-                "a snapshot is already being written".into(),
-            ));
-        }
+        self.snapshotting.store(true, Ordering::Release);
         let _in_progress = SnapshotInProgress(&self.snapshotting);
         let started = Instant::now();
         std::fs::create_dir_all(dir)
@@ -755,6 +754,14 @@ impl VmApi for VmControl {
     }
     fn counters(&self) -> Counters {
         VmControl::counters(self)
+    }
+    fn begin_snapshot(&self) -> Result<(), ApiError> {
+        if self.snapshotting.swap(true, Ordering::AcqRel) {
+            return Err(ApiError::conflict(
+                "a snapshot is already being written".into(),
+            ));
+        }
+        Ok(())
     }
     fn snapshot(
         &self,

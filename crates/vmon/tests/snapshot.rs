@@ -331,6 +331,10 @@ fn the_api_answers_while_a_snapshot_is_written() {
     // once `info` shows the VM paused (the writer's request may not be in yet); one that
     // lands just after the snapshot ended may be answered differently, so what is required
     // is that some were refused for the snapshot, and none otherwise.
+    // The second snapshot's directory cannot be created (its parent is a file): should it
+    // land after the first ended, it fails without writing anything outside the scratch.
+    let blocker = dir.file("not-a-dir", b"x");
+    let impossible = format!(r#"{{"dir": "{}"}}"#, blocker.join("snap").display());
     let (mut infos, mut refusals) = (0, 0);
     while !done.load(std::sync::atomic::Ordering::SeqCst) {
         let (status, info) = get(&socket, "/v1/vm");
@@ -340,7 +344,7 @@ fn the_api_answers_while_a_snapshot_is_written() {
         }
         infos += 1;
         let (resumed, why) = post(&socket, "/v1/vm/resume", "");
-        let (again, why_again) = post(&socket, "/v1/vm/snapshot", r#"{"dir": "/nonexistent/x"}"#);
+        let (again, why_again) = post(&socket, "/v1/vm/snapshot", &impossible);
         if resumed == 409 && again == 409 {
             assert!(why.contains("snapshot"), "{why}");
             assert!(why_again.contains("already being written"), "{why_again}");
