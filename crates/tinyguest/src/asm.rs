@@ -44,24 +44,29 @@ const ALLOWED: &[Mnemonic] = &[
     Mnemonic::Hlt,
     Mnemonic::In,
     Mnemonic::Inc,
+    Mnemonic::Iretq,
     Mnemonic::Jae,
     Mnemonic::Jb,
     Mnemonic::Je,
     Mnemonic::Jmp,
     Mnemonic::Jne,
     Mnemonic::Lea,
+    Mnemonic::Lgdt,
     Mnemonic::Lidt,
     Mnemonic::Mov,
     Mnemonic::Movzx,
     Mnemonic::Or,
     Mnemonic::Out,
+    Mnemonic::Pause,
     Mnemonic::Pop,
     Mnemonic::Push,
+    Mnemonic::Rdmsr,
     Mnemonic::Ret,
     Mnemonic::Shl,
     Mnemonic::Shr,
     Mnemonic::Test,
     Mnemonic::Ud2,
+    Mnemonic::Wrmsr,
     Mnemonic::Xor,
 ];
 
@@ -75,6 +80,8 @@ pub(crate) struct Asm {
     use_dec: bool,
     /// Strings printed by [`Asm::print`] loops, emitted after the code.
     strings: Vec<(CodeLabel, Vec<u8>)>,
+    /// The code after this point runs in ring 3, where `hlt` faults.
+    pub user_mode: bool,
 }
 
 impl Asm {
@@ -89,6 +96,7 @@ impl Asm {
             use_hex: false,
             use_dec: false,
             strings: Vec::new(),
+            user_mode: false,
         })
     }
 
@@ -151,12 +159,14 @@ impl Asm {
         self.halt_forever()
     }
 
-    /// `1: cli; hlt; jmp 1b`
+    /// `1: cli; hlt; jmp 1b`, or `1: jmp 1b` in ring 3 (where `hlt` would fault).
     pub fn halt_forever(&mut self) -> Result {
         let mut l = self.a.create_label();
         self.a.set_label(&mut l)?;
-        self.a.cli()?;
-        self.a.hlt()?;
+        if !self.user_mode {
+            self.a.cli()?;
+            self.a.hlt()?;
+        }
         self.a.jmp(l)
     }
 

@@ -16,8 +16,9 @@ mod asm;
 pub mod image;
 pub mod programs;
 pub mod script;
+pub mod virtio;
 
 pub use asm::{COM1, COM1_LSR, EXIT_PORT};
 pub use image::*;
 pub use programs::*;
-pub use script::{parse_values, script_elf, script_runner, value_line, Script};
+pub use script::{parse_values, script_elf, script_pvh_elf, script_runner, value_line, Script};

@@ -50,6 +50,7 @@
 //! | 0x08 | base from BAR (prints) | CF8 address u32 of the BAR register | 5 |
 //! | 0x09 | set base | value u64 | 9 |
 //! | 0x0A | exit | status u8 | 2 |
+//! | 0x0B | wait_eq | size u8, flags u8, addr u64, value u64, max_polls u32 | 23 |
 //!
 //! Any other opcode (including 0x00) or a bad size or flag bit prints
 //! `script: bad op XX at YYYYYYYY\n` (opcode, offset of the op in the
@@ -71,7 +72,13 @@
 //! poll) until the value read differs from `value` or `max_polls` reads
 //! have been made, reading the COM1 line status register between polls as
 //! a delay (one round trip to the VMM, ~10 µs); it prints the last value it
-//! read, so the host sees a timeout as the old value.
+//! read, so the host sees a timeout as the old value. `wait_eq` polls until
+//! the value read equals `value` (a driver waiting for a device to finish)
+//! with only a `pause` between reads and prints nothing, so a benchmark's
+//! waits cost no VMM round trips (a poll takes nanoseconds: `max_polls` of
+//! 2^32 - 1 is some seconds); if `max_polls` reads pass without a match it prints
+//! `script: timed out at YYYYYYYY, read VVVVVVVVVVVVVVVV\n` and exits with
+//! [`SCRIPT_TIMEOUT_STATUS`].
 //!
 //! # Memory
 //!
@@ -87,7 +94,7 @@
 //! the boot contract's GDT (0x500) and stack (below 0x9000) are still in use.
 
 use crate::asm::{Asm, Result, COM1_LSR, EXIT_PORT};
-use crate::image::{elf64, BZIMAGE_ENTRY64, DEFAULT_LOAD_ADDR};
+use crate::image::{elf64, elf64_pvh, BZIMAGE_ENTRY64, DEFAULT_LOAD_ADDR};
 use iced_x86::code_asm::*;
 
 /// Exit status for an unknown opcode, a bad size or flag, or a script that
@@ -95,6 +102,8 @@ use iced_x86::code_asm::*;
 pub const SCRIPT_BAD_OP_STATUS: u8 = 90;
 /// Exit status for an access at or beyond 4 GiB (what the runner maps).
 pub const SCRIPT_BAD_ADDR_STATUS: u8 = 91;
+/// Exit status for a `wait_eq` whose value never came.
+pub const SCRIPT_TIMEOUT_STATUS: u8 = 92;
 /// Guest RAM from here upward is free for scripts: the runner image,
 /// its embedded script and its page tables end below it.
 pub const SCRIPT_FREE_RAM: u64 = 0x20_0000;
@@ -122,9 +131,17 @@ const OP_PRINT: u8 = 0x07;
 const OP_BASE_FROM_BAR: u8 = 0x08;
 const OP_SET_BASE: u8 = 0x09;
 const OP_EXIT: u8 = 0x0A;
+const OP_WAIT_EQ: u8 = 0x0B;
 
-/// Page-directory entry flags: present, writable, 2 MiB page.
-const PDE_FLAGS: u64 = 0x83;
+/// Page-directory entry flags: present, writable, user, 2 MiB page.
+const PDE_FLAGS: u64 = 0x87;
+/// Present, writable, user: the PML4 and PDPT entries.
+const TABLE_FLAGS: i32 = 0x7;
+/// GDT selectors (RPL 3) of the runner's ring-3 segments, and its RFLAGS there: IOPL 3
+/// (port I/O allowed), interrupts off.
+const USER_DATA_SELECTOR: i32 = 0x18 | 3;
+const USER_CODE_SELECTOR: i32 = 0x20 | 3;
+const USER_RFLAGS: i32 = 0x3002;
 /// Write-through and cache-disable, for the MMIO hole.
 const PDE_UNCACHED: u64 = 0x18;
 
@@ -155,6 +172,13 @@ pub enum Op {
         addr: u64,
     },
     WaitNe {
+        size: u8,
+        rel: bool,
+        addr: u64,
+        value: u64,
+        max_polls: u32,
+    },
+    WaitEq {
         size: u8,
         rel: bool,
         addr: u64,
@@ -241,8 +265,20 @@ impl Op {
                 addr,
                 value,
                 max_polls,
+            }
+            | Op::WaitEq {
+                size,
+                rel,
+                addr,
+                value,
+                max_polls,
             } => {
-                out.extend([OP_WAIT_NE, *size, u8::from(*rel)]);
+                let code = if matches!(self, Op::WaitNe { .. }) {
+                    OP_WAIT_NE
+                } else {
+                    OP_WAIT_EQ
+                };
+                out.extend([code, *size, u8::from(*rel)]);
                 out.extend(addr.to_le_bytes());
                 out.extend(value.to_le_bytes());
                 out.extend(max_polls.to_le_bytes());
@@ -450,14 +486,25 @@ impl Script {
                         addr: r.u64()?,
                     }
                 }
-                OP_WAIT_NE => {
+                code @ (OP_WAIT_NE | OP_WAIT_EQ) => {
                     let size = r.mem_size()?;
-                    Op::WaitNe {
-                        size,
-                        rel: r.rel()?,
-                        addr: r.u64()?,
-                        value: r.u64()?,
-                        max_polls: r.u32()?,
+                    let (rel, addr, value, max_polls) = (r.rel()?, r.u64()?, r.u64()?, r.u32()?);
+                    if code == OP_WAIT_NE {
+                        Op::WaitNe {
+                            size,
+                            rel,
+                            addr,
+                            value,
+                            max_polls,
+                        }
+                    } else {
+                        Op::WaitEq {
+                            size,
+                            rel,
+                            addr,
+                            value,
+                            max_polls,
+                        }
                     }
                 }
                 OP_FILL => Op::Fill {
@@ -515,19 +562,35 @@ impl Script {
         self.op(Op::Read { size, rel, addr })
     }
 
-    fn mem_wait_ne(&mut self, size: u8, rel: bool, addr: u64, value: u64, polls: u32) -> &mut Self {
+    fn mem_wait(
+        &mut self,
+        until_equal: bool,
+        size: u8,
+        rel: bool,
+        (addr, value, max_polls): (u64, u64, u32),
+    ) -> &mut Self {
         check_mem_size(size);
         check_value(size, value);
-        assert!(polls >= 1, "wait_ne needs at least one poll");
+        assert!(max_polls >= 1, "a wait needs at least one poll");
         if !rel {
             check_abs(addr, size.into());
         }
-        self.op(Op::WaitNe {
-            size,
-            rel,
-            addr,
-            value,
-            max_polls: polls,
+        self.op(if until_equal {
+            Op::WaitEq {
+                size,
+                rel,
+                addr,
+                value,
+                max_polls,
+            }
+        } else {
+            Op::WaitNe {
+                size,
+                rel,
+                addr,
+                value,
+                max_polls,
+            }
         })
     }
 
@@ -566,12 +629,19 @@ impl Script {
     /// Polls `size` bytes at `addr` until they differ from `value`, at most
     /// `max_polls` reads (>= 1); prints the last value read.
     pub fn wait_ne(&mut self, size: u8, addr: u64, value: u64, max_polls: u32) -> &mut Self {
-        self.mem_wait_ne(size, false, addr, value, max_polls)
+        self.mem_wait(false, size, false, (addr, value, max_polls))
     }
 
     /// [`Script::wait_ne`] at base + `offset`.
     pub fn wait_ne_rel(&mut self, size: u8, offset: u64, value: u64, max_polls: u32) -> &mut Self {
-        self.mem_wait_ne(size, true, offset, value, max_polls)
+        self.mem_wait(false, size, true, (offset, value, max_polls))
+    }
+
+    /// Polls `size` bytes at `addr` until they equal `value`, at most
+    /// `max_polls` reads (>= 1); prints nothing, but ends the script with
+    /// [`SCRIPT_TIMEOUT_STATUS`] if the value does not come.
+    pub fn wait_eq(&mut self, size: u8, addr: u64, value: u64, max_polls: u32) -> &mut Self {
+        self.mem_wait(true, size, false, (addr, value, max_polls))
     }
 
     /// Stores `byte` to each of `len` bytes from `addr` (byte stores,
@@ -750,6 +820,102 @@ pub fn script_elf(script: &Script) -> Vec<u8> {
     elf64(&script_runner(script), DEFAULT_LOAD_ADDR)
 }
 
+/// Room for the long-mode trampoline in front of the runner in [`script_pvh_elf`].
+const PVH_TRAMPOLINE_SIZE: u64 = 0x100;
+/// `mov esp, 0x8FF0`: the same bytes in 32- and 64-bit mode, and in 64-bit mode it clears
+/// the upper half of RSP, which a switch from 32-bit mode leaves undefined.
+const SET_STACK_64: [u8; 5] = [0xBC, 0xF0, 0x8F, 0x00, 0x00];
+
+/// [`script_runner`] behind a PVH entry point, for VMMs that boot a PVH ELF but not vmon's
+/// 64-bit entry (QEMU's microvm among them), so a benchmark can drive their devices with
+/// the same guest. 32-bit code at [`DEFAULT_LOAD_ADDR`] builds the boot contract's state
+/// (identity map of the first 1 GiB at 0x9000, a GDT with code 0x08 and data 0x10, RSP =
+/// 0x8FF0), turns on long mode and jumps to the runner, which follows it.
+///
+/// Under a VMM without vmon's exit port (0x510), the runner's final `exit` does not end
+/// the VM: it spins, and the host stops the VMM once it has read what it waits for.
+pub fn script_pvh_elf(script: &Script) -> Vec<u8> {
+    let runner_ip = DEFAULT_LOAD_ADDR + PVH_TRAMPOLINE_SIZE;
+    let mut image = long_mode_trampoline(runner_ip - SET_STACK_64.len() as u64)
+        .unwrap_or_else(|e| panic!("assembling the PVH trampoline failed: {e}"));
+    let stub_at = (PVH_TRAMPOLINE_SIZE as usize) - SET_STACK_64.len();
+    assert!(
+        image.len() <= stub_at,
+        "PVH trampoline of {} bytes",
+        image.len()
+    );
+    image.resize(stub_at, 0);
+    image.extend(SET_STACK_64);
+    image.extend(runner_at(script, runner_ip));
+    elf64_pvh(&image, DEFAULT_LOAD_ADDR)
+}
+
+/// 32-bit protected mode (paging off, flat segments, as PVH enters) to 64-bit mode at
+/// `entry64`.
+fn long_mode_trampoline(entry64: u64) -> Result<Vec<u8>> {
+    const PML4: u32 = 0x9000;
+    const PDPT: u32 = 0xA000;
+    const PD: u32 = 0xB000;
+    const EFER: u32 = 0xC000_0080;
+    // The boot contract's GDT address, and its pseudo-descriptor after it.
+    const GDT: u32 = 0x500;
+    const GDTR: u32 = 0x520;
+    let mut g = Asm::new(32)?;
+    let mut zero = g.a.create_label();
+    let mut map = g.a.create_label();
+    let a = &mut g.a;
+    a.mov(edi, PML4)?;
+    a.mov(ecx, 3 * 1024u32)?;
+    a.xor(eax, eax)?;
+    a.set_label(&mut zero)?;
+    a.mov(dword_ptr(edi), eax)?;
+    a.add(edi, 4i32)?;
+    a.dec(ecx)?;
+    a.jne(zero)?;
+    a.mov(dword_ptr(PML4), PDPT | 3)?;
+    a.mov(dword_ptr(PDPT), PD | 3)?;
+    // 512 present, writable 2 MiB pages.
+    a.mov(edi, PD)?;
+    a.mov(eax, PDE_FLAGS as u32)?;
+    a.mov(ecx, 512u32)?;
+    a.set_label(&mut map)?;
+    a.mov(dword_ptr(edi), eax)?;
+    a.add(edi, 8i32)?;
+    a.add(eax, 0x20_0000i32)?;
+    a.dec(ecx)?;
+    a.jne(map)?;
+    a.mov(eax, PML4)?;
+    a.mov(cr3, eax)?;
+    a.mov(eax, cr4)?;
+    a.or(eax, 0x20i32)?; // PAE
+    a.mov(cr4, eax)?;
+    a.mov(ecx, EFER)?;
+    a.rdmsr()?;
+    a.or(eax, 0x100i32)?; // LME
+    a.wrmsr()?;
+    // Null, 64-bit code (0x08), data (0x10).
+    for (i, descriptor) in [0u64, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF]
+        .into_iter()
+        .enumerate()
+    {
+        let at = GDT + 8 * i as u32;
+        a.mov(dword_ptr(at), descriptor as u32)?;
+        a.mov(dword_ptr(at + 4), (descriptor >> 32) as u32)?;
+    }
+    a.mov(word_ptr(GDTR), 3 * 8 - 1)?;
+    a.mov(dword_ptr(GDTR + 2), GDT)?;
+    a.lgdt(ptr(GDTR))?;
+    a.mov(eax, cr0)?;
+    a.or(eax, 0x8000_0001u32 as i32)?; // PG, PE
+    a.mov(cr0, eax)?;
+    a.mov(eax, 0x10u32)?;
+    a.mov(ds, ax)?;
+    a.mov(es, ax)?;
+    a.mov(ss, ax)?;
+    a.jmp_far(0x08, u32::try_from(entry64).expect("entry below 4 GiB"))?;
+    g.finish(DEFAULT_LOAD_ADDR)
+}
+
 fn runner_at(script: &Script, ip: u64) -> Vec<u8> {
     let mut bytes = script.to_bytes();
     Op::Exit(0).encode(&mut bytes);
@@ -781,6 +947,7 @@ struct Labels {
     bad_end: CodeLabel,
     check_end: CodeLabel,
     bad_addr: CodeLabel,
+    timeout: CodeLabel,
     check_size: CodeLabel,
     resolve: CodeLabel,
     load: CodeLabel,
@@ -797,6 +964,7 @@ fn emit_runner(g: &mut Asm, bytes: &[u8]) -> Result {
         bad_end: g.a.create_label(),
         check_end: g.a.create_label(),
         bad_addr: g.a.create_label(),
+        timeout: g.a.create_label(),
         check_size: g.a.create_label(),
         resolve: g.a.create_label(),
         load: g.a.create_label(),
@@ -804,7 +972,13 @@ fn emit_runner(g: &mut Asm, bytes: &[u8]) -> Result {
         print_value: g.a.create_label(),
     };
 
+    let mut gdt = GdtLabels {
+        table: g.a.create_label(),
+        descriptor: g.a.create_label(),
+        base: g.a.create_label(),
+    };
     emit_page_tables(g, tables)?;
+    emit_enter_ring3(g, &gdt)?;
 
     g.a.lea(r15, ptr(script))?;
     g.a.xor(r12d, r12d)?;
@@ -816,6 +990,7 @@ fn emit_runner(g: &mut Asm, bytes: &[u8]) -> Result {
         OP_WRITE,
         OP_READ,
         OP_WAIT_NE,
+        OP_WAIT_EQ,
         OP_FILL,
         OP_OUT,
         OP_IN,
@@ -850,7 +1025,7 @@ fn emit_runner(g: &mut Asm, bytes: &[u8]) -> Result {
                 g.a.call(l.load)?;
                 g.a.call(l.print_value)?;
             }
-            OP_WAIT_NE => {
+            OP_WAIT_NE | OP_WAIT_EQ => {
                 let mut poll = g.a.create_label();
                 let mut done = g.a.create_label();
                 fetch_mem(g, &l, 23)?;
@@ -859,17 +1034,29 @@ fn emit_runner(g: &mut Asm, bytes: &[u8]) -> Result {
                 g.a.set_label(&mut poll)?;
                 g.a.call(l.load)?;
                 g.a.cmp(rbx, r8)?;
-                g.a.jne(done)?;
+                let out_of_polls = if op == OP_WAIT_NE {
+                    g.a.jne(done)?;
+                    done
+                } else {
+                    g.a.je(l.next)?;
+                    l.timeout
+                };
                 g.a.dec(ebp)?;
                 // At least one read even if max_polls is 0 (dec wraps).
-                g.a.je(done)?;
+                g.a.je(out_of_polls)?;
                 g.a.cmp(ebp, -1i32)?;
-                g.a.je(done)?;
-                g.a.mov(edx, u32::from(COM1_LSR))?;
-                g.a.in_(al, dx)?;
+                g.a.je(out_of_polls)?;
+                if op == OP_WAIT_NE {
+                    g.a.mov(edx, u32::from(COM1_LSR))?;
+                    g.a.in_(al, dx)?;
+                } else {
+                    g.a.pause()?;
+                }
                 g.a.jmp(poll)?;
                 g.a.set_label(&mut done)?;
-                g.a.call(l.print_value)?;
+                if op == OP_WAIT_NE {
+                    g.a.call(l.print_value)?;
+                }
             }
             OP_FILL => {
                 let mut store = g.a.create_label();
@@ -971,6 +1158,7 @@ fn emit_runner(g: &mut Asm, bytes: &[u8]) -> Result {
     emit_subroutines(g, &mut l, bytes.len() as i32)?;
 
     g.finish_subroutines()?;
+    emit_gdt(g, &mut gdt)?;
     g.a.set_label(&mut script)?;
     g.a.db(bytes)?;
     g.a.set_label(&mut tables)?;
@@ -997,10 +1185,10 @@ fn emit_page_tables(g: &mut Asm, tables: CodeLabel) -> Result {
     a.add(rsi, 8i32)?;
     a.dec(ecx)?;
     a.jne(zero)?;
-    a.lea(rax, ptr(rdi + 0x1003))?;
+    a.lea(rax, ptr(rdi + (0x1000 + TABLE_FLAGS)))?;
     a.mov(qword_ptr(rdi), rax)?;
     for i in 0..4i32 {
-        a.lea(rax, ptr(rdi + (0x2003 + 0x1000 * i)))?;
+        a.lea(rax, ptr(rdi + (0x2000 + TABLE_FLAGS + 0x1000 * i)))?;
         a.mov(qword_ptr(rdi + (0x1000 + 8 * i)), rax)?;
     }
     // 2048 2 MiB pages; the last 512 (the MMIO hole) uncached.
@@ -1022,6 +1210,59 @@ fn emit_page_tables(g: &mut Asm, tables: CodeLabel) -> Result {
     a.dec(ecx)?;
     a.jne(mmio)?;
     a.mov(cr3, rdi)
+}
+
+/// Loads a GDT with ring-3 segments and drops to ring 3 with IOPL 3, so the rest of the
+/// runner keeps its port I/O but runs natively on a PVM host: PVM emulates a guest's ring-0
+/// code instruction by instruction (about 0.8 µs each here) but runs its ring-3 code on the
+/// CPU, some 4000 times faster, and that is what lets a script drive a device at the
+/// device's own speed. Interrupts stay off (IF = 0) and there is no IDT: a fault in the
+/// script is a triple fault, as it was in ring 0. Clobbers `rax`.
+///
+/// The GDT itself is data: [`emit_gdt`] places it after the code.
+fn emit_enter_ring3(g: &mut Asm, gdt: &GdtLabels) -> Result {
+    let mut user = g.a.create_label();
+    let a = &mut g.a;
+    // The pseudo-descriptor's base: the runner is position independent.
+    a.lea(rax, ptr(gdt.table))?;
+    a.mov(qword_ptr(gdt.base), rax)?;
+    a.lea(rax, ptr(gdt.descriptor))?;
+    a.lgdt(ptr(rax))?;
+    a.mov(rax, rsp)?;
+    a.push(USER_DATA_SELECTOR)?;
+    a.push(rax)?;
+    a.push(USER_RFLAGS)?;
+    a.push(USER_CODE_SELECTOR)?;
+    a.lea(rax, ptr(user))?;
+    a.push(rax)?;
+    a.iretq()?;
+    a.set_label(&mut user)?;
+    g.user_mode = true;
+    Ok(())
+}
+
+struct GdtLabels {
+    table: CodeLabel,
+    descriptor: CodeLabel,
+    base: CodeLabel,
+}
+
+/// Null, the boot contract's ring-0 code (0x08) and data (0x10), then ring-3 data (0x18)
+/// and 64-bit code (0x20); and the pseudo-descriptor `lgdt` loads.
+fn emit_gdt(g: &mut Asm, l: &mut GdtLabels) -> Result {
+    let a = &mut g.a;
+    a.set_label(&mut l.table)?;
+    a.dq(&[
+        0,
+        0x00AF_9A00_0000_FFFF,
+        0x00CF_9200_0000_FFFF,
+        0x00CF_F200_0000_FFFF,
+        0x00AF_FA00_0000_FFFF,
+    ])?;
+    a.set_label(&mut l.descriptor)?;
+    a.dw(&[5 * 8 - 1])?;
+    a.set_label(&mut l.base)?;
+    a.dq(&[0])
 }
 
 /// Reads size, flags and address of a memory op (layout: op, size, flags,
@@ -1208,7 +1449,17 @@ fn emit_subroutines(g: &mut Asm, l: &mut Labels, script_len: i32) -> Result {
     g.a.mov(edi, r11d)?;
     g.print_hex_edi(8)?;
     g.print(b"\n")?;
-    g.exit(SCRIPT_BAD_ADDR_STATUS)
+    g.exit(SCRIPT_BAD_ADDR_STATUS)?;
+
+    // rbx holds the last value a wait_eq read.
+    g.a.set_label(&mut l.timeout)?;
+    g.print(b"script: timed out at ")?;
+    g.a.mov(edi, r11d)?;
+    g.print_hex_edi(8)?;
+    g.print(b", read ")?;
+    print_rbx_hex(g)?;
+    g.print(b"\n")?;
+    g.exit(SCRIPT_TIMEOUT_STATUS)
 }
 
 /// Prints rbx as 16 hex digits. Clobbers eax, ecx, edx, esi, edi.
@@ -1248,6 +1499,7 @@ mod tests {
             .write_rel(4, 0x14, 0x0F)
             .read_rel(1, 0x14)
             .wait_ne_rel(2, 0x20, 0xFFFF, 1)
+            .wait_eq(2, 0x20_0010, 0x40, 3)
             .fill_rel(0x100, 0, 0)
             .write_bytes_rel(0x200, &[1, 2, 3])
             .outp(1, 0x80, 0xFF)
@@ -1275,6 +1527,7 @@ mod tests {
         let mut s = Script::new();
         s.read_rel(1, 0)
             .wait_ne(1, 0, 0, 1)
+            .wait_eq(1, 0, 0, 1)
             .fill(0, 1, 0)
             .outp(1, 0, 0)
             .inp(1, 0)
@@ -1291,7 +1544,7 @@ mod tests {
                 v.len()
             })
             .collect();
-        assert_eq!(lens, [11, 23, 19, 8, 4, 6, 5, 9, 2]);
+        assert_eq!(lens, [11, 23, 23, 19, 8, 4, 6, 5, 9, 2]);
 
         let mut s = Script::new();
         s.read_rel(2, 0x10);

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{kvm_available, run_vmon, Output, Scratch};
 use vmon_tinyguest::script::{
-    parse_values, value_line, Script, SCRIPT_BAD_ADDR_STATUS, SCRIPT_BAD_OP_STATUS, SCRIPT_FREE_RAM,
+    parse_values, value_line, Script, SCRIPT_BAD_ADDR_STATUS, SCRIPT_BAD_OP_STATUS,
+    SCRIPT_FREE_RAM, SCRIPT_TIMEOUT_STATUS,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -93,6 +94,7 @@ fn script_drives_pci_config_ram_and_mmio() {
         .print("wait\n")
         .wait_ne(4, RAM + 0x20, 0x5A5A_BEEF, 5) // nothing changes it: times out
         .wait_ne(4, RAM + 0x20, 0, 5) // differs at once
+        .wait_eq(4, RAM + 0x20, 0x5A5A_BEEF, 1) // equal at once, prints nothing
         .print("fill\n")
         .fill(RAM + 0x2000, 0x20, 0x5A)
         .read(8, RAM + 0x2000)
@@ -260,7 +262,7 @@ fn the_runner_maps_all_of_the_low_4_gib() {
 }
 
 #[test]
-fn wait_ne_returns_when_the_value_changes() {
+fn waits_return_when_the_value_changes_or_arrives() {
     require_kvm!();
     const LAPIC: u64 = 0xFEE0_0000;
     let mut s = Script::new();
@@ -269,13 +271,38 @@ fn wait_ne_returns_when_the_value_changes() {
         .write(4, LAPIC + 0x320, 0x1_0000) // LVT timer: masked, one-shot
         .write(4, LAPIC + 0x380, 0xFFFF_FFFF) // initial count: starts the timer
         .wait_ne(4, LAPIC + 0x390, 0xFFFF_FFFF, 10_000) // current count runs down
-        .wait_ne(4, LAPIC + 0x380, 0xFFFF_FFFF, 3); // the initial count stays
+        .wait_ne(4, LAPIC + 0x380, 0xFFFF_FFFF, 3) // the initial count stays
+        .write(4, LAPIC + 0x380, 0x1_0000) // a short one-shot count
+        .wait_eq(4, LAPIC + 0x390, 0, u32::MAX) // runs down to 0
+        .read(4, LAPIC + 0x390);
     let out = run_script("script-wait", &s);
     assert_eq!(out.code(), 0, "stdout {} stderr {}", out.stdout, out.stderr);
     let v = parse_values(&out.stdout);
-    assert_eq!(v.len(), 2, "{}", out.stdout);
+    assert_eq!(v.len(), 3, "{}", out.stdout);
     assert!(v[0] < 0xFFFF_FFFF, "current count {:#x}", v[0]);
     assert_eq!(v[1], 0xFFFF_FFFF);
+    assert_eq!(v[2], 0, "wait_eq returned before the count reached 0");
+}
+
+#[test]
+fn a_wait_eq_whose_value_never_comes_ends_the_script() {
+    require_kvm!();
+    let mut s = Script::new();
+    s.write(4, SCRIPT_FREE_RAM, 7)
+        .wait_eq(4, SCRIPT_FREE_RAM, 8, 50)
+        .print("after\n");
+    let out = run_script("script-wait-eq-timeout", &s);
+    assert_eq!(
+        out.code(),
+        i32::from(SCRIPT_TIMEOUT_STATUS),
+        "stdout {} stderr {}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(
+        out.stdout,
+        "script: timed out at 00000013, read 0000000000000007\n"
+    );
 }
 
 #[test]
@@ -295,5 +322,22 @@ fn the_runner_also_runs_from_the_bzimage_entry() {
     assert_eq!(
         out.stdout,
         expect(&[Ok(0xcafe_f00d), Ok(0xffff), Ok(0x0008_1b36)])
+    );
+}
+
+#[test]
+fn the_runner_also_runs_from_a_pvh_entry() {
+    require_kvm!();
+    let mut s = Script::new();
+    s.write(4, SCRIPT_FREE_RAM, 0xCAFE_F00D)
+        .read(4, SCRIPT_FREE_RAM)
+        .read(8, 0x4000_0000) // above the trampoline's 1 GiB map: the runner's own tables
+        .pci_read32(0, 0, 0, 0)
+        .exit(6);
+    let out = run_image("script-pvh", &vmon_tinyguest::script_pvh_elf(&s));
+    assert_eq!(out.code(), 6, "stdout {} stderr {}", out.stdout, out.stderr);
+    assert_eq!(
+        out.stdout,
+        expect(&[Ok(0xcafe_f00d), Ok(u64::MAX), Ok(0x0008_1b36)])
     );
 }

@@ -21,12 +21,12 @@ use std::time::Duration;
 
 use common::{kvm_available, run_vmon, Output, Scratch};
 use vmon_tinyguest::script::{pci_address, Script, PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA};
+use vmon_tinyguest::virtio::*;
 
 const T: Duration = Duration::from_secs(60);
 /// Guest RAM (`--memory 64M`): one range from 0 (below the MMIO hole).
 const RAM_END: u64 = 64 << 20;
 const DISK_BYTES: usize = 1 << 20;
-const SECTOR: usize = 512;
 const SECTORS: u64 = (DISK_BYTES / SECTOR) as u64;
 
 /// Polls of the used ring (each ~one VM exit) before giving up on a completion.
@@ -42,9 +42,6 @@ struct Dev {
     features: u64,
 }
 
-const F_VERSION_1: u64 = 1 << 32;
-const F_INDIRECT: u64 = 1 << 28;
-const F_EVENT_IDX: u64 = 1 << 29;
 /// virtio-blk: SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES plus the common features.
 const BLK: Dev = Dev {
     slot: 1,
@@ -62,54 +59,6 @@ const RNG: Dev = Dev {
     bar: 0xC001_0000,
     features: F_VERSION_1 | F_INDIRECT | F_EVENT_IDX,
 };
-
-// Device status bits.
-const ACK: u64 = 1;
-const DRIVER: u64 = 2;
-const DRIVER_OK: u64 = 4;
-const FEATURES_OK: u64 = 8;
-const NEEDS_RESET: u64 = 0x40;
-const LIVE: u64 = ACK | DRIVER | FEATURES_OK | DRIVER_OK;
-
-// Common configuration registers (BAR0 + 0).
-const DF_SELECT: u64 = 0x00;
-const DF: u64 = 0x04;
-const GF_SELECT: u64 = 0x08;
-const GF: u64 = 0x0C;
-const MSIX_CONFIG: u64 = 0x10;
-const NUM_QUEUES: u64 = 0x12;
-const STATUS: u64 = 0x14;
-const Q_SELECT: u64 = 0x16;
-const Q_SIZE: u64 = 0x18;
-const Q_MSIX: u64 = 0x1A;
-const Q_ENABLE: u64 = 0x1C;
-const Q_NOTIFY_OFF: u64 = 0x1E;
-const Q_DESC: u64 = 0x20;
-const Q_DRIVER: u64 = 0x28;
-const Q_DEVICE: u64 = 0x30;
-const ISR: u64 = 0x1000;
-const DEVICE_CFG: u64 = 0x2000;
-const NOTIFY: u64 = 0x3000;
-const MSIX_TABLE: u64 = 0x4000;
-const MSIX_PBA: u64 = 0x5000;
-
-const QUEUE_MAX: u16 = 256;
-
-// Descriptor flags.
-const NEXT: u16 = 1;
-const W: u16 = 2;
-const INDIRECT: u16 = 4;
-
-// virtio-blk request types and status values.
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const S_OK: u64 = 0;
-const S_IOERR: u64 = 1;
-const S_UNSUPP: u64 = 2;
 
 // Guest RAM the requests use (all above SCRIPT_FREE_RAM, 0x200000).
 const HDR: u64 = 0x30_0000;
@@ -310,10 +259,9 @@ impl Driver {
     // ---- descriptors and rings ----
 
     fn desc_at(&mut self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = table + 16 * u64::from(i);
-        self.write(8, at, addr);
-        let rest = u64::from(len) | u64::from(flags) << 32 | u64::from(next) << 48;
-        self.write(8, at + 8, rest);
+        for (at, value) in descriptor(table, i, addr, len, flags, next) {
+            self.write(8, at, value);
+        }
     }
 
     fn desc(&mut self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
