@@ -1,0 +1,532 @@
+//! virtio-blk throughput on this machine's own /dev/kvm, against reading and writing the
+//! backing file directly on the host.
+//!
+//! The guest is the script runner (`vmon_tinyguest::script`): a driver with no block layer,
+//! no interrupts and no data copies of its own. It keeps `depth` requests in flight (one
+//! notify per batch, then polls the used index), so what is timed is vmon's device path:
+//! the ioeventfd wake-up, descriptor-chain validation, `preadv`/`pwritev` straight between
+//! the file and guest memory, and the used-ring update. The host baseline runs the same
+//! requests (same sizes, offsets and batch) with `pread`/`pwrite` on the same file from
+//! this process. Both sides hit the page cache: the image lives in `/dev/shm`, so neither
+//! measures a disk.
+//!
+//! Timing is taken on the host from the guest's serial output: the script prints `go`
+//! after one warm-up batch (which faults in the guest's buffers) and `end` once the last
+//! batch is used; each line is flushed as it is written.
+//!
+//! Run: `cargo bench -p vmon --bench tiny_blk [-- ROUNDS] [NAME...]` (ROUNDS: repetitions
+//! of every workload, default 5; medians printed; NAMEs pick workloads whose name contains
+//! one of them). Results are in docs/benchmarks.md. Not a test:
+//! nothing asserts a figure.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmon_tinyguest::script::Script;
+use vmon_tinyguest::virtio::*;
+
+const VMON: &str = env!("CARGO_BIN_EXE_vmon");
+
+/// The disk image: big enough that sequential passes are not one buffer's worth.
+const DISK_BYTES: u64 = 512 << 20;
+/// Guest RAM; the data buffers sit at 16 MiB and above.
+const GUEST_MEMORY: &str = "256M";
+/// PCI slot of the disk: vmon's first `--disk`, and where QEMU puts the first device.
+const SLOT: u8 = 1;
+/// QEMU microvm with `pcie=on`: configuration space is ECAM only (no 0xCF8 ports), and
+/// nothing assigns BARs before the kernel does, so the driver places the disk's BAR 4 (the
+/// modern virtio registers, 16 KiB) at the bottom of the 32-bit MMIO window itself.
+const QEMU_ECAM: u64 = 0xE000_0000;
+const QEMU_BAR: u64 = 0xC000_0000;
+/// Polls of a status byte before the script gives up (a spin of some seconds): a request
+/// that failed never reads OK, and ends the run this way.
+const POLLS: u32 = u32::MAX;
+
+// Guest-physical layout of the driver.
+const DESC: u64 = 0x40_0000;
+const AVAIL: u64 = 0x40_1000;
+const USED: u64 = 0x40_2000;
+const HEADERS: u64 = 0x41_0000;
+const STATUSES: u64 = 0x42_0000;
+const DATA: u64 = 0x100_0000;
+
+/// The VMMs measured, each booting the same driver script.
+#[derive(Clone, Copy, PartialEq)]
+enum Vmm {
+    Vmon,
+    /// QEMU microvm, virtio-blk-pci on its PCIe bus, served by an iothread (QEMU's
+    /// recommended set-up for disk performance), `cache=writeback,aio=threads` (its
+    /// defaults).
+    Qemu,
+}
+
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::Vmon => "vmon",
+            Vmm::Qemu => "qemu microvm",
+        }
+    }
+
+    /// Script ops that point the base register at the disk's virtio registers and turn on
+    /// memory decoding and bus mastering.
+    fn find_disk(self, s: &mut Script) {
+        match self {
+            Vmm::Vmon => {
+                s.base_from_bar0(0, SLOT, 0);
+                s.pci_write16(0, SLOT, 0, 0x04, 0x0006);
+            }
+            Vmm::Qemu => {
+                let cfg = QEMU_ECAM + (u64::from(SLOT) << 15);
+                s.write(4, cfg + 0x20, QEMU_BAR) // BAR 4, low half
+                    .write(4, cfg + 0x24, 0) // BAR 5: its high half
+                    .write(2, cfg + 0x04, 0x0006)
+                    .set_base(QEMU_BAR);
+            }
+        }
+    }
+
+    fn kernel(self, script: &Script) -> Vec<u8> {
+        match self {
+            Vmm::Vmon => vmon_tinyguest::script_elf(script),
+            Vmm::Qemu => vmon_tinyguest::script_pvh_elf(script),
+        }
+    }
+
+    fn command(self, kernel: &str, disk: &str) -> Command {
+        match self {
+            Vmm::Vmon => {
+                let mut c = Command::new(VMON);
+                c.args(["run", "--kernel", kernel, "--memory", GUEST_MEMORY])
+                    .args(["--disk", &format!("path={disk}")]);
+                c
+            }
+            Vmm::Qemu => {
+                let mut c = common::qemu_microvm(GUEST_MEMORY, "1");
+                c.args(["-machine", "pcie=on", "-kernel", kernel])
+                    .args(["-object", "iothread,id=io0"])
+                    .args([
+                        "-drive",
+                        &format!(
+                            "file={disk},if=none,id=d0,format=raw,cache=writeback,aio=threads"
+                        ),
+                    ])
+                    .args([
+                        "-device",
+                        "virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0",
+                    ]);
+                c
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    /// Bytes per request.
+    size: u64,
+    /// Requests in flight at most: one chain each (divides the queue size).
+    depth: u16,
+    /// Requests per notify: `depth` or half of it. With half, the driver fills one half of
+    /// its chains while the device works through the other, as a real driver keeps a queue
+    /// busy.
+    batch: u16,
+    /// Batches timed.
+    batches: usize,
+    random: bool,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "seq read 1 MiB x32",
+        write: false,
+        size: 1 << 20,
+        depth: 32,
+        batch: 16,
+        batches: 96, // three passes over the image
+        random: false,
+    },
+    Workload {
+        name: "rand read 4 KiB x64",
+        write: false,
+        size: 4096,
+        depth: 64,
+        batch: 32,
+        batches: 400, // the script (61 bytes a request) must fit below 2 MiB
+        random: true,
+    },
+    Workload {
+        name: "rand read 4 KiB x1",
+        write: false,
+        size: 4096,
+        depth: 1,
+        batch: 1,
+        batches: 8000,
+        random: true,
+    },
+    Workload {
+        name: "seq write 1 MiB x32",
+        write: true,
+        size: 1 << 20,
+        depth: 32,
+        batch: 16,
+        batches: 48,
+        random: false,
+    },
+];
+
+impl Workload {
+    /// The byte offset of every request: warm-up batch first, then the timed ones.
+    fn offsets(&self) -> Vec<Vec<u64>> {
+        let per_batch = usize::from(self.batch);
+        let slots = DISK_BYTES / self.size;
+        // xorshift64*: the same offsets for the guest and the host.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = 0u64;
+        (0..=self.batches)
+            .map(|_| {
+                (0..per_batch)
+                    .map(|_| {
+                        let slot = if self.random {
+                            state ^= state >> 12;
+                            state ^= state << 25;
+                            state ^= state >> 27;
+                            state.wrapping_mul(0x2545_F491_4F6C_DD1D) % slots
+                        } else {
+                            let s = next % slots;
+                            next += 1;
+                            s
+                        };
+                        slot * self.size
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn bytes_timed(&self) -> u64 {
+        self.requests_timed() * self.size
+    }
+
+    fn requests_timed(&self) -> u64 {
+        self.batches as u64 * u64::from(self.batch)
+    }
+
+    /// Batch `k` uses chains (and buffers) `first..first + batch`.
+    fn first_chain(&self, k: usize) -> u16 {
+        (k % usize::from(self.depth / self.batch)) as u16 * self.batch
+    }
+}
+
+/// The driver script: set the device up, lay out `depth` three-descriptor chains, then
+/// submit the batches.
+fn guest_script(vmm: Vmm, w: &Workload) -> Script {
+    let mut s = Script::new();
+    vmm.find_disk(&mut s);
+    s.write_rel(1, STATUS, 0)
+        .write_rel(1, STATUS, ACK)
+        .write_rel(1, STATUS, ACK | DRIVER);
+    for word in 0..2u64 {
+        s.write_rel(4, GF_SELECT, word).write_rel(
+            4,
+            GF,
+            (F_VERSION_1 >> (32 * word)) & 0xFFFF_FFFF,
+        );
+    }
+    s.write_rel(1, STATUS, ACK | DRIVER | FEATURES_OK);
+    s.write_rel(2, Q_SELECT, 0)
+        .write_rel(2, Q_SIZE, u64::from(QUEUE_MAX));
+    for (reg, addr) in [(Q_DESC, DESC), (Q_DRIVER, AVAIL), (Q_DEVICE, USED)] {
+        s.write_rel(4, reg, addr).write_rel(4, reg + 4, 0);
+    }
+    s.write_rel(2, Q_ENABLE, 1).write_rel(1, STATUS, LIVE);
+
+    let kind = if w.write { T_OUT } else { T_IN };
+    let data_flags = if w.write { 0 } else { W };
+    for r in 0..w.depth {
+        let head = 3 * r;
+        let hdr = HEADERS + 16 * u64::from(r);
+        let data = DATA + u64::from(r) * w.size;
+        let status = STATUSES + u64::from(r);
+        s.write(8, hdr, u64::from(kind)).write(1, status, 0xFF);
+        for (i, (addr, len, flags)) in [
+            (hdr, 16, NEXT),
+            (data, w.size as u32, NEXT | data_flags),
+            (status, 1, W),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let next = if flags & NEXT != 0 {
+                head + i as u16 + 1
+            } else {
+                0
+            };
+            for (at, value) in descriptor(DESC, head + i as u16, addr, len, flags, next) {
+                s.write(8, at, value);
+            }
+        }
+    }
+    // Buffers hold data, as an application's would: a write from never-touched guest memory
+    // would copy the host's shared zero page, which is always in cache.
+    s.fill(DATA, u64::from(w.depth) * w.size, 0xA5);
+    // Every available-ring slot names the chain it will always carry.
+    for slot in 0..QUEUE_MAX {
+        s.write(
+            2,
+            AVAIL + 4 + 2 * u64::from(slot),
+            u64::from(3 * (slot % w.depth)),
+        );
+    }
+
+    // A chain is free again once the device has written its status byte (0xFF until then),
+    // whatever order the device completes requests in.
+    let wait_chains = |s: &mut Script, first: u16| {
+        for r in first..first + w.batch {
+            s.wait_eq(1, STATUSES + u64::from(r), S_OK, POLLS);
+        }
+    };
+    let groups = usize::from(w.depth / w.batch);
+    let batches = w.offsets();
+    let mut avail: u16 = 0;
+    for (k, offsets) in batches.iter().enumerate() {
+        if k == 1 {
+            // The warm-up batch has faulted the buffers in: start the clock.
+            wait_chains(&mut s, w.first_chain(0));
+            s.print("go\n");
+        } else if k >= groups {
+            wait_chains(&mut s, w.first_chain(k));
+        }
+        let first = w.first_chain(k);
+        for (r, offset) in (first..).zip(offsets) {
+            s.write(8, HEADERS + 16 * u64::from(r) + 8, offset / SECTOR as u64)
+                .write(1, STATUSES + u64::from(r), 0xFF);
+        }
+        avail = avail.wrapping_add(w.batch);
+        s.write(2, AVAIL + 2, u64::from(avail))
+            .write_rel(2, NOTIFY, 0);
+    }
+    for k in batches.len().saturating_sub(groups).max(1)..batches.len() {
+        wait_chains(&mut s, w.first_chain(k));
+    }
+    s.print("end\n");
+    // What the host checks: the device is still live (no NEEDS_RESET, FEATURES_OK kept),
+    // it returned every request on the used ring, and (for reads) each buffer of the last
+    // batch holds the file's bytes at both ends.
+    s.read_rel(1, STATUS).read(2, USED + 2);
+    let first = u64::from(w.first_chain(batches.len() - 1));
+    for r in first..first + u64::from(w.batch) {
+        s.read(8, DATA + r * w.size)
+            .read(8, DATA + (r + 1) * w.size - 8);
+    }
+    s
+}
+
+/// Runs the workload in a vmon guest; the time from `go` to `end`.
+/// Runs the workload in a guest of `vmm`; the time from `go` to `end`.
+fn run_guest(vmm: Vmm, w: &Workload, kernel: &str, disk: &str) -> Result<Duration, String> {
+    let mut child = vmm
+        .command(kernel, disk)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", vmm.name()))?;
+    let batch = usize::from(w.batch);
+    // After `end`: STATUS, the used index, both ends of every buffer of the last batch.
+    let expected = 2 + 2 * batch;
+    let mut go = None;
+    let mut elapsed = None;
+    let mut values = Vec::new();
+    let mut trouble = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let now = Instant::now();
+        let Ok(line) = line else { break };
+        match line.as_str() {
+            "go" => go = Some(now),
+            "end" => elapsed = go.map(|g| now - g),
+            v if v.len() == 16 && elapsed.is_some() => {
+                values.push(u64::from_str_radix(v, 16).unwrap_or(u64::MAX));
+                // QEMU has no exit port: the guest spins once it is done.
+                if values.len() == expected && vmm == Vmm::Qemu {
+                    let _ = child.kill();
+                }
+            }
+            v if v.len() == 16 => {} // vmon's BAR 0
+            other => {
+                trouble = Some(format!("guest said: {other}"));
+                let _ = child.kill();
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let mut stderr = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    if let Some(trouble) = trouble {
+        return Err(format!("{trouble} ({})", stderr.trim()));
+    }
+    if vmm == Vmm::Vmon && !status.success() {
+        return Err(format!("vmon: {status}: {}", stderr.trim()));
+    }
+    let elapsed = elapsed.ok_or("no go/end lines")?;
+    if values.len() != expected || values[0] != LIVE {
+        return Err(format!("unexpected guest values {values:x?}"));
+    }
+    let requests = (w.requests_timed() + u64::from(w.batch)) & 0xFFFF;
+    if values[1] != requests {
+        return Err(format!(
+            "used index {} after {requests} requests",
+            values[1]
+        ));
+    }
+    if !w.write {
+        let last_batch = w.offsets().pop().unwrap();
+        for (r, &offset) in last_batch.iter().enumerate() {
+            let want = [offset, offset + w.size - 8].map(|o| u64::from_le_bytes(pattern_at(o)));
+            let got = [values[2 + 2 * r], values[3 + 2 * r]];
+            if got != want {
+                return Err(format!(
+                    "buffer {r} holds {got:x?} at its ends, the file {want:x?}"
+                ));
+            }
+        }
+    }
+    Ok(elapsed)
+}
+
+/// The same requests from this process, on the same file.
+fn run_host(w: &Workload, file: &std::fs::File) -> Duration {
+    let mut buffer = vec![0x5Au8; (u64::from(w.depth) * w.size) as usize];
+    let batches = w.offsets();
+    let mut start = Instant::now();
+    for (k, offsets) in batches.iter().enumerate() {
+        if k == 1 {
+            start = Instant::now();
+        }
+        let first = usize::from(w.first_chain(k));
+        let chunks = buffer.chunks_mut(w.size as usize).skip(first);
+        for (chunk, &offset) in chunks.zip(offsets) {
+            if w.write {
+                file.write_all_at(chunk, offset).unwrap();
+            } else {
+                file.read_exact_at(chunk, offset).unwrap();
+            }
+        }
+    }
+    start.elapsed()
+}
+
+/// The image's first 8 bytes at `offset` (8-aligned).
+fn pattern_at(offset: u64) -> [u8; 8] {
+    (offset / 8)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(17)
+        .to_le_bytes()
+}
+
+fn write_image(path: &std::path::Path) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    for base in (0..DISK_BYTES).step_by(chunk.len()) {
+        for (i, word) in chunk.chunks_mut(8).enumerate() {
+            word.copy_from_slice(&pattern_at(base + 8 * i as u64));
+        }
+        file.write_all_at(&chunk, base).unwrap();
+    }
+}
+
+fn main() {
+    let rounds = common::runs_from_args(5);
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("tiny_blk: no /dev/kvm here; nothing measured");
+        return;
+    }
+    let dir = std::path::PathBuf::from(format!("/dev/shm/vmon-bench-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    write_image(&disk);
+    let disk_str = disk.to_str().unwrap().to_string();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+
+    let mut vmms = vec![Vmm::Vmon];
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        vmms.push(Vmm::Qemu);
+    } else {
+        println!("(no qemu-system-x86_64: vmon against the host file only)");
+    }
+    println!(
+        "virtio-blk, tiny guest on /dev/kvm, {} MiB image in /dev/shm, {rounds} rounds, medians:",
+        DISK_BYTES >> 20
+    );
+    // Reads first: the write workload overwrites the image.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
+        .collect();
+    for w in WORKLOADS
+        .iter()
+        .filter(|w| only.is_empty() || only.iter().any(|o| w.name.contains(o.as_str())))
+    {
+        let figure = |t: Duration| {
+            if w.size >= 1 << 20 {
+                w.bytes_timed() as f64 / t.as_secs_f64() / 1e6
+            } else {
+                w.requests_timed() as f64 / t.as_secs_f64()
+            }
+        };
+        let unit = if w.size >= 1 << 20 { "MB/s" } else { "IOPS" };
+        let mut kernels = Vec::new();
+        for vmm in &vmms {
+            let kernel = dir.join(format!("guest-{}.elf", kernels.len()));
+            std::fs::write(&kernel, vmm.kernel(&guest_script(*vmm, w))).unwrap();
+            kernels.push(kernel.to_str().unwrap().to_string());
+        }
+        let mut host = Vec::new();
+        let mut guests: Vec<Vec<Duration>> = vmms.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            // Interleaved, so drift in the machine hits all alike. The host gets the better
+            // of two tries: a baseline that is too low would flatter the guests.
+            host.push(run_host(w, &file).min(run_host(w, &file)));
+            for (i, vmm) in vmms.iter().enumerate() {
+                match run_guest(*vmm, w, &kernels[i], &disk_str) {
+                    Ok(t) => guests[i].push(t),
+                    Err(e) => println!("  {} under {}: run failed: {e}", w.name, vmm.name()),
+                }
+            }
+        }
+        let host = figure(common::median(host));
+        let mut line = format!("  {:<20} host file {host:>8.0} {unit}", w.name);
+        let mut results = Vec::new();
+        for (vmm, times) in vmms.iter().zip(guests) {
+            if times.is_empty() {
+                line += &format!("   {} failed", vmm.name());
+                results.push(None);
+                continue;
+            }
+            let f = figure(common::median(times));
+            line += &format!("   {} {f:>8.0} ({:.2} of host)", vmm.name(), f / host);
+            results.push(Some(f));
+        }
+        if let [Some(v), Some(q)] = results[..] {
+            line += &format!("   vmon/qemu {:.2}", v / q);
+        }
+        println!("{line}");
+    }
+    drop(file);
+    let _ = std::fs::remove_dir_all(&dir);
+}
