@@ -174,9 +174,48 @@ impl Hypervisor {
             .unwrap_or(36))
     }
 
+    /// The host CPU's physical address width, from CPUID 0x80000008 executed here (36 if
+    /// the leaf is missing). A restore checks its memory against this instead of asking KVM
+    /// for its supported CPUID, which costs more than the rest of the restore's KVM set-up
+    /// and is otherwise unused there (the guest's CPUID comes from the snapshot).
+    pub fn host_phys_bits() -> u8 {
+        use std::arch::x86_64::__cpuid;
+        let max_extended = __cpuid(0x8000_0000).eax;
+        if max_extended < 0x8000_0008 {
+            return 36;
+        }
+        let bits = (__cpuid(0x8000_0008).eax & 0xFF) as u8;
+        if bits >= 32 {
+            bits
+        } else {
+            36
+        }
+    }
+
     /// True on a PVM host (`kvm_pvm`), where ring-0 guest code is emulated and a stock Linux
     /// kernel cannot boot.
     pub fn is_pvm() -> bool {
         std::path::Path::new("/sys/module/kvm_pvm").exists()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_phys_bits_agree_with_the_kernel() {
+        let bits = Hypervisor::host_phys_bits();
+        assert!((32..=52).contains(&bits), "{bits}");
+        // The kernel prints the same leaf as "address sizes: N bits physical" (less any bits
+        // memory encryption reserves, so ours may be larger, never smaller).
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let kernel: u8 = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("address sizes\t: "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("address sizes in /proc/cpuinfo");
+        assert!(bits >= kernel, "CPUID says {bits}, the kernel {kernel}");
     }
 }

@@ -104,9 +104,60 @@ pub fn saved_msr_indices(kvm_list: &[u32]) -> Vec<u32> {
 /// The local APIC's base address and enable bits.
 pub const MSR_IA32_APICBASE: u32 = 0x1B;
 
+/// MSRs a restore must not lose: without them a running guest breaks at once (its clock,
+/// timer, system calls, per-CPU base, memory types, or KVM's paravirtual interfaces it has
+/// enabled). If the new host's KVM refuses one of these, the restore fails. Any other
+/// saved MSR that KVM refuses (a feature the new host lacks, say a PMU or speculation
+/// control MSR) is left out with a warning and the restore goes on, since a guest that
+/// probed the feature at boot copes with it reading as reset.
+pub fn must_restore(index: u32) -> bool {
+    const PAT: u32 = 0x277;
+    const TSC_AUX: u32 = 0xC000_0103;
+    // kvmclock (both generations), async page faults and their vector, steal time, PV EOI.
+    const KVM_PARAVIRT: [u32; 9] = [
+        0x11,
+        0x12,
+        0x4B56_4D00,
+        0x4B56_4D01,
+        0x4B56_4D02,
+        0x4B56_4D03,
+        0x4B56_4D04,
+        0x4B56_4D06,
+        0x4B56_4D07,
+    ];
+    matches!(
+        index,
+        MSR_IA32_TSC
+            | MSR_IA32_TSC_DEADLINE
+            | MSR_IA32_APICBASE
+            | MSR_IA32_SYSENTER_CS
+            | MSR_IA32_SYSENTER_ESP
+            | MSR_IA32_SYSENTER_EIP
+            | MSR_STAR
+            | MSR_LSTAR
+            | MSR_CSTAR
+            | MSR_SYSCALL_MASK
+            | MSR_KERNEL_GS_BASE
+            | MSR_MTRR_DEF_TYPE
+            | PAT
+            | TSC_AUX
+    ) || KVM_PARAVIRT.contains(&index)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_keeps_what_a_running_guest_depends_on() {
+        for index in [MSR_IA32_TSC, MSR_LSTAR, 0x277, 0x4B56_4D01, 0x4B56_4D06] {
+            assert!(must_restore(index), "{index:#x}");
+        }
+        // SPEC_CTRL, a PMU counter, an MTRR range: left out if the new host refuses them.
+        for index in [0x48, 0xC001_0004, 0x200] {
+            assert!(!must_restore(index), "{index:#x}");
+        }
+    }
 
     #[test]
     fn the_saved_list_holds_ours_and_kvms_once_each() {

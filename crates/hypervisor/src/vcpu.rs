@@ -138,32 +138,49 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Sets every MSR in `entries`; any refusal is an error.
     fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
-        for chunk in entries.chunks(MSRS_PER_IOCTL) {
-            self.set_msr_batch(chunk)?;
-        }
-        Ok(())
+        self.set_msrs_allowing(entries, |_| false).map(|_| ())
     }
 
-    fn set_msr_batch(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
-        let msrs = Msrs::from_entries(entries).map_err(|_| VcpuError::Ioctl {
-            index: self.index,
-            what: "building the MSR list",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
-        let set = self
-            .fd
-            .set_msrs(&msrs)
-            .map_err(self.ioctl("KVM_SET_MSRS"))?;
-        if set != entries.len() {
-            return Err(VcpuError::MsrRefused {
+    /// Sets the MSRs in `entries`. `KVM_SET_MSRS` stops at the first MSR it refuses: if
+    /// `may_skip` allows that one, it is left out and setting goes on after it; otherwise
+    /// it is an error. Returns the MSRs left out.
+    fn set_msrs_allowing(
+        &self,
+        entries: &[kvm_msr_entry],
+        may_skip: impl Fn(u32) -> bool,
+    ) -> Result<Vec<u32>, VcpuError> {
+        let mut skipped = Vec::new();
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(MSRS_PER_IOCTL)];
+            let msrs = Msrs::from_entries(batch).map_err(|_| VcpuError::Ioctl {
                 index: self.index,
-                set,
-                wanted: entries.len(),
-                msr: entries[set].index,
-            });
+                what: "building the MSR list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            let set = self
+                .fd
+                .set_msrs(&msrs)
+                .map_err(self.ioctl("KVM_SET_MSRS"))?;
+            if set == batch.len() {
+                rest = &rest[set..];
+                continue;
+            }
+            let refused = batch[set].index;
+            if !may_skip(refused) {
+                return Err(VcpuError::MsrRefused {
+                    index: self.index,
+                    set: entries.len() - rest.len() + set,
+                    wanted: entries.len(),
+                    msr: refused,
+                });
+            }
+            skipped.push(refused);
+            rest = &rest[set + 1..];
         }
-        Ok(())
+        Ok(skipped)
     }
 
     /// Reads every MSR in `indices` that KVM will read for this vCPU. `KVM_GET_MSRS` stops
@@ -460,7 +477,15 @@ impl Persist for Vcpu {
             .msrs
             .iter()
             .partition(|m| m.index == msrs::MSR_IA32_TSC_DEADLINE);
-        vcpu.set_msrs(&others)?;
+        // A snapshot taken on another host may hold MSRs this KVM does not know.
+        let skipped = vcpu.set_msrs_allowing(&others, |index| !msrs::must_restore(index))?;
+        if !skipped.is_empty() {
+            tracing::warn!(
+                "vCPU {}: this host's KVM refused saved MSRs {:x?}; they start from reset",
+                vcpu.index,
+                skipped
+            );
+        }
         vcpu.fd
             .set_lapic(&state.lapic)
             .map_err(vcpu.ioctl("KVM_SET_LAPIC"))?;

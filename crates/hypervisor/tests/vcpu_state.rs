@@ -176,3 +176,45 @@ fn msrs_the_guest_programs_survive_a_restore() {
         saved.msrs.len()
     );
 }
+
+/// A snapshot from another host may hold MSRs this KVM refuses. One the guest can live
+/// without is left out and the rest still restored; one a running guest needs (an invalid
+/// MTRR default type stands in for one this host refuses) fails the restore, naming it.
+#[test]
+fn a_refused_msr_is_skipped_unless_the_guest_needs_it() {
+    const UNKNOWN_MSR: u32 = 0x4000_00F0; // in the hypervisor range, known to no KVM
+    const MSR_MTRR_DEF_TYPE: u32 = 0x2FF;
+    const MSR_LSTAR: u32 = 0xC000_0082;
+    let Some(hv) = kvm_or_skip() else { return };
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+    let vm = Vm::create(&hv, &memory).unwrap();
+    let mut saved = boot_vcpu(&hv, &vm).save().unwrap();
+    let set = |state: &mut vmon_hypervisor::VcpuState, index: u32, data: u64| match state
+        .msrs
+        .iter_mut()
+        .find(|m| m.index == index)
+    {
+        Some(m) => m.data = data,
+        None => state.msrs.push(kvm_bindings::kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }),
+    };
+    // The unknown MSR sits before LSTAR: what follows a skipped MSR must still be set.
+    saved.msrs.retain(|m| m.index != MSR_LSTAR);
+    set(&mut saved, UNKNOWN_MSR, 1);
+    set(&mut saved, MSR_LSTAR, 0xFFFF_FFFF_8100_0000);
+    let restored = vmon_hypervisor::Vcpu::restore(vm.create_vcpu(1).unwrap(), &saved).unwrap();
+    let again = restored.save().unwrap();
+    let lstar = again.msrs.iter().find(|m| m.index == MSR_LSTAR).unwrap();
+    assert_eq!(lstar.data, 0xFFFF_FFFF_8100_0000);
+    assert!(!again.msrs.iter().any(|m| m.index == UNKNOWN_MSR));
+
+    // MTRRs enabled with memory type 2, which is reserved: KVM refuses this value.
+    set(&mut saved, MSR_MTRR_DEF_TYPE, 0x802);
+    let err = vmon_hypervisor::Vcpu::restore(vm.create_vcpu(2).unwrap(), &saved)
+        .err()
+        .expect("a refused MTRR default type must fail the restore");
+    assert!(err.to_string().contains("0x2ff"), "{err}");
+}

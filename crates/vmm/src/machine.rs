@@ -162,8 +162,9 @@ impl Machine {
             });
         }
         // A restored guest keeps the layout it was built with, on a host that could back it.
-        if let Start::Boot = start {
-            layout.check_physical_limit(hypervisor.guest_phys_bits()?)?;
+        match start {
+            Start::Boot => layout.check_physical_limit(hypervisor.guest_phys_bits()?)?,
+            Start::Restore { .. } => layout.check_physical_limit(Hypervisor::host_phys_bits())?,
         }
         let (memory, saved) = match start {
             Start::Boot => (
