@@ -231,6 +231,34 @@ pub struct VmControl {
     /// A snapshot is being written (on a thread of its own, so the API keeps answering):
     /// actions that would change the VM's state under it are refused meanwhile.
     snapshotting: AtomicBool,
+    /// The memory file of the snapshot being written, so that vmon exiting in the middle
+    /// (a signal) removes it rather than leave an unreferenced file of guest RAM behind.
+    snapshot_files: Mutex<SnapshotFiles>,
+}
+
+#[derive(Default)]
+struct SnapshotFiles {
+    /// Written but not yet named by a state file.
+    memory: Option<std::path::PathBuf>,
+    /// vmon is exiting: no state file may be written any more.
+    abandoned: bool,
+}
+
+/// Removes a memory file that no state file names: the file itself, or the temporary file
+/// it is written under until complete (`.<name>.tmp-<pid>-<n>`, see vmon-state).
+fn remove_memory_file(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let temp_prefix = format!(".{}.tmp-", name.to_string_lossy());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&temp_prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Clears [`VmControl::snapshotting`] however the snapshot ends.
@@ -275,6 +303,7 @@ impl VmControl {
             memory_mib: parts.memory_mib,
             api_stats: Mutex::new(None),
             snapshotting: AtomicBool::new(false),
+            snapshot_files: Mutex::new(SnapshotFiles::default()),
         })
     }
 
@@ -396,9 +425,12 @@ impl VmControl {
             }
         }
         let paused_for = started.elapsed();
-        if stop_after && result.is_ok() {
+        // vmon may have been told to exit meanwhile (a signal): then the VM is no longer
+        // paused, there is nothing to resume, and a snapshot that completed still stands.
+        let ended = self.state() != VmState::Paused;
+        if stop_after && result.is_ok() && !ended {
             self.stop()?;
-        } else if was_running {
+        } else if was_running && !ended {
             self.resume()?;
         }
         let (memory_bytes_written, state_bytes) = result?;
@@ -407,7 +439,7 @@ impl VmControl {
             memory_bytes_written,
             state_bytes,
             paused_ms: paused_for.as_secs_f64() * 1000.0,
-            stopped: stop_after,
+            stopped: stop_after || ended,
         })
     }
 
@@ -441,25 +473,71 @@ impl VmControl {
                 .collect::<Result<_, _>>()
                 .map_err(|e| fail("virtio device", &e))?,
         };
-        let memory = vmon_memory::save_guest_memory(&s.memory, &dir.join(&memory_file))
-            .map_err(|e| fail("guest memory", &e))?;
+        let memory_path = dir.join(&memory_file);
+        {
+            let mut files = lock(&self.snapshot_files);
+            if files.abandoned {
+                return Err(ApiError::unavailable("vmon is exiting".into()));
+            }
+            files.memory = Some(memory_path.clone());
+        }
+        let forget = |files: &mut SnapshotFiles| {
+            if let Some(path) = files.memory.take() {
+                remove_memory_file(&path);
+            }
+        };
+        let memory = vmon_memory::save_guest_memory(&s.memory, &memory_path).map_err(|e| {
+            let mut files = lock(&self.snapshot_files);
+            if files.abandoned {
+                // The exit removed the file under the writer's feet: that is the news.
+                return ApiError::unavailable("snapshot abandoned: vmon is exiting".into());
+            }
+            forget(&mut files);
+            fail("guest memory", &e)
+        })?;
         // The state file last: a directory with a state file has its complete memory file.
+        // It is written under the lock, so an exit either waits for it or comes first (and
+        // has removed the memory file already).
         let state_path = dir.join(STATE_FILE);
-        vmon_state::file::write_state(&state_path, STATE_KIND, &snapshot)
-            .map_err(|e| fail("state file", &e))?;
-        // Memory files of earlier snapshots into this directory are now unreferenced. A
+        {
+            let mut files = lock(&self.snapshot_files);
+            if files.abandoned {
+                return Err(ApiError::unavailable(
+                    "snapshot abandoned: vmon is exiting".into(),
+                ));
+            }
+            if let Err(e) = vmon_state::file::write_state(&state_path, STATE_KIND, &snapshot) {
+                forget(&mut files);
+                return Err(fail("state file", &e));
+            }
+            files.memory = None;
+        }
+        // Memory files of earlier snapshots into this directory are now unreferenced, and
+        // so are the temporary files of any that never finished (vmon killed meanwhile). A
         // restored VM still mapping one keeps its pages (the inode lives on).
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                if name.starts_with(MEMORY_FILE_PREFIX) && name != memory_file.as_str() {
+                let memory = name.strip_prefix('.').unwrap_or(&name);
+                if memory.starts_with(MEMORY_FILE_PREFIX) && name != memory_file.as_str() {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
         }
         let state_bytes = std::fs::metadata(&state_path).map_or(0, |m| m.len());
         Ok((memory.bytes_written, state_bytes))
+    }
+
+    /// Called as vmon exits: a snapshot still being written will not be finished, so its
+    /// memory file is removed (the directory keeps whatever complete snapshot it had).
+    /// Returns the removed file.
+    pub fn abandon_snapshot(&self) -> Option<std::path::PathBuf> {
+        let mut files = lock(&self.snapshot_files);
+        files.abandoned = true;
+        let path = files.memory.take()?;
+        remove_memory_file(&path);
+        Some(path)
     }
 
     /// Every vCPU's state, from a paused VM (each parked vCPU thread saves its own).

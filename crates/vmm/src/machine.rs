@@ -479,6 +479,14 @@ impl Machine {
         };
 
         let result = self.main_loop(&host_signals, &outcome, terminal.is_some());
+        // A snapshot still being written will not be finished: vmon is to stop now. Its
+        // client is told so while the API server shuts down.
+        if let Some(file) = self.control.abandon_snapshot() {
+            tracing::warn!(
+                "a snapshot was still being written; removed its memory file {}",
+                file.display()
+            );
+        }
         stop_vcpus(&self.control, threads);
         drop(api);
         drop(terminal);

@@ -371,3 +371,69 @@ fn the_api_answers_while_a_snapshot_is_written() {
     let _ = vm.kill();
     let _ = vm.wait();
 }
+
+/// vmon told to stop (SIGTERM) while a snapshot is being written does not finish it, and
+/// leaves nothing half-written: the directory gets neither a state file nor an orphaned
+/// memory file.
+#[test]
+fn a_snapshot_cut_short_by_sigterm_leaves_no_files() {
+    require_kvm!();
+    let dir = Scratch::new("snapshot-sigterm");
+    let kernel = dir.file(
+        "touch",
+        &tg::elf64(
+            &tg::touch_then_count(2 << 20, 512 << 20, 2000),
+            tg::DEFAULT_LOAD_ADDR,
+        ),
+    );
+    let socket = dir.path().join("api.sock");
+    let mut vm = spawn(&[
+        "run",
+        "--memory",
+        "512M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let mut out = Vec::new();
+    read_lines(&mut vm, &mut out, 1);
+    assert!(String::from_utf8_lossy(&out).starts_with("touched\n"));
+    wait_socket(&socket, Duration::from_secs(10));
+
+    let snap = dir.path().join("snap");
+    let body = format!(r#"{{"dir": "{}"}}"#, snap.display());
+    let writer = {
+        let socket = socket.clone();
+        std::thread::spawn(move || post(&socket, "/v1/vm/snapshot", &body))
+    };
+    let memory_files = |snap: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(snap)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.trim_start_matches('.').starts_with("memory-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // SIGTERM as soon as the memory file is being written (512 MiB take some 400 ms), under
+    // its temporary name.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while memory_files(&snap).is_empty() {
+        assert!(Instant::now() < deadline, "the snapshot never started");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // SAFETY: signalling our own child, which has not been reaped.
+    unsafe { libc::kill(vm.id() as i32, libc::SIGTERM) };
+    let (_, stderr) = finish(vm, &mut out);
+    let (status, answer) = writer.join().unwrap();
+    assert_eq!(status, 503, "{answer}\n{stderr}");
+    assert!(answer.contains("vmon is exiting"), "{answer}");
+    assert!(
+        stderr.contains("a snapshot was still being written; removed its memory file"),
+        "{stderr}"
+    );
+    assert!(!snap.join("vm.state").exists(), "a state file was written");
+    assert_eq!(memory_files(&snap), Vec::<String>::new(), "{stderr}");
+}
