@@ -8,7 +8,10 @@
 //! - the output is a well-formed sequence of responses, one per request, in order, nothing
 //!   after a `Connection: close`;
 //! - how the input is chunked (and how slowly the client reads) changes nothing;
-//! - buffered input never exceeds one maximal request.
+//! - buffered input never exceeds one maximal request;
+//! - a request answered later (`/later`, `/later-dropped`: [`Handler::start`]) holds the
+//!   requests behind it until its answer comes, whenever that is, and a dropped reply is a
+//!   500.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +19,7 @@ use std::time::Duration;
 use crate::http::{Request, Response};
 use crate::model::{Counters, DeviceCounters, VcpuCounters, VmInfo, VmState};
 use crate::router::{ApiError, Router, VmApi};
-use crate::server::{Handler, Limits, ServerStats, Session};
+use crate::server::{later, Handler, Later, Limits, Reply, ServerStats, Session};
 
 /// A VM that only keeps its state; enough for every route and error path.
 struct MockVm {
@@ -94,10 +97,13 @@ impl VmApi for MockVm {
 }
 
 /// The router, noting the method of every request that reaches it (the framing check needs
-/// to know which responses answer HEAD and so have no body).
+/// to know which responses answer HEAD and so have no body), and answering `/later` and
+/// `/later-dropped` later: their replies wait in `replies` until the conversation delivers
+/// them (a dropped one answers 500).
 struct Recorder {
     router: Router<MockVm>,
     methods: Mutex<Vec<String>>,
+    replies: Mutex<Vec<(Reply, Option<Response>)>>,
 }
 
 impl Handler for Recorder {
@@ -106,6 +112,34 @@ impl Handler for Recorder {
             m.push(request.method.clone());
         }
         self.router.handle(request)
+    }
+
+    fn start(&self, request: &Request) -> Option<Later> {
+        let response = match request.path.as_str() {
+            "/later" => Some(Response::text(200, format!("later {}", request.method))),
+            "/later-dropped" => None,
+            _ => return None,
+        };
+        let (later, reply) = later().ok()?;
+        if let Ok(mut m) = self.methods.lock() {
+            m.push(request.method.clone());
+        }
+        if let Ok(mut r) = self.replies.lock() {
+            r.push((reply, response));
+        }
+        Some(later)
+    }
+}
+
+impl Recorder {
+    /// Answers (or drops) every reply still waiting.
+    fn deliver(&self) {
+        let replies = std::mem::take(&mut *self.replies.lock().unwrap_or_else(|p| p.into_inner()));
+        for (reply, response) in replies {
+            if let Some(r) = response {
+                reply.send(r);
+            }
+        }
     }
 }
 
@@ -133,6 +167,7 @@ fn converse(input: &[u8], limits: &Limits, mut rng: Option<Rng>) -> (Vec<u8>, Ve
             state: Mutex::new(VmState::Running),
         })),
         methods: Mutex::new(Vec::new()),
+        replies: Mutex::new(Vec::new()),
     };
     let stats = ServerStats::default();
     let mut session = Session::default();
@@ -142,7 +177,9 @@ fn converse(input: &[u8], limits: &Limits, mut rng: Option<Rng>) -> (Vec<u8>, Ve
     while !rest.is_empty() && !session.is_closing() {
         let room = session.input_room(limits);
         if room == 0 {
-            // Nothing more can be read until the client reads: it does.
+            // Nothing more can be read until the client reads (and any work answering
+            // later is done): it does.
+            recorder.deliver();
             received.extend_from_slice(session.pending_output());
             session.consume_output(usize::MAX);
             session.process(&recorder, &stats, limits);
@@ -160,6 +197,11 @@ fn converse(input: &[u8], limits: &Limits, mut rng: Option<Rng>) -> (Vec<u8>, Ve
         session.push_input(&rest[..n], limits);
         rest = &rest[n..];
         session.process(&recorder, &stats, limits);
+        // Work answering later finishes now or some steps on.
+        if rng.as_mut().is_none_or(|r| r.below(2) == 0) {
+            recorder.deliver();
+            session.process(&recorder, &stats, limits);
+        }
         assert!(session.input_room(limits) <= bound);
         let reads = rng.as_mut().is_none_or(|r| r.below(4) != 0);
         if reads {
@@ -177,6 +219,7 @@ fn converse(input: &[u8], limits: &Limits, mut rng: Option<Rng>) -> (Vec<u8>, Ve
     // The client reads whatever is left; requests that waited for it to read are answered
     // as it does.
     loop {
+        recorder.deliver();
         session.process(&recorder, &stats, limits);
         let pending = session.pending_output();
         if pending.is_empty() {
@@ -294,6 +337,9 @@ mod tests {
         b"POST /v1/vm/stop HTTP/1.1\r\n",
         b"DELETE /v1/vm HTTP/1.1\r\n",
         b"GET /nope?x=1 HTTP/1.1\r\n",
+        b"GET /later HTTP/1.1\r\n",
+        b"HEAD /later HTTP/1.1\r\n",
+        b"POST /later-dropped HTTP/1.1\r\n",
         b"GET / HTTP/2.0\r\n",
         b"Host: localhost\r\n",
         b"Connection: close\r\n",

@@ -31,4 +31,6 @@ pub use model::{
     Counters, DeviceCounters, ShutdownRequest, SnapshotRequest, VcpuCounters, VmInfo, VmState,
 };
 pub use router::{ApiError, Router, VmApi};
-pub use server::{ApiServer, Handler, Limits, ServerError, ServerHandle, ServerStats};
+pub use server::{
+    later, ApiServer, Handler, Later, Limits, Reply, ServerError, ServerHandle, ServerStats,
+};

@@ -4,7 +4,7 @@
 //! Routes are versioned under `/v1` so a later, incompatible API can live next to this one;
 //! `/metrics` stays unversioned because that is where Prometheus looks by default.
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -13,7 +13,7 @@ use crate::http::{Request, Response};
 use crate::model::{
     self, ActionResponse, Counters, ShutdownRequest, SnapshotRequest, VmInfo, VmState,
 };
-use crate::server::Handler;
+use crate::server::{self, Handler, Later};
 
 /// The VM as the API sees it. Calls arrive on the API thread and may block it briefly
 /// (pausing waits for the vCPUs), never indefinitely; except `snapshot`, which runs on a
@@ -202,29 +202,28 @@ impl<A: VmApi + ?Sized + 'static> Handler for Router<A> {
     /// A snapshot is written on a thread of its own: it pauses the guest for as long as
     /// writing its memory takes (seconds for gigabytes), and meanwhile other clients must
     /// still get `info`, counters and metrics (the VM control refuses conflicting actions).
-    fn start(&self, req: &Request) -> Option<mpsc::Receiver<Response>> {
+    fn start(&self, req: &Request) -> Option<Later> {
         let path = req.path.strip_suffix('/').unwrap_or(&req.path);
         if path != "/v1/vm/snapshot" || !ACTION.contains(&req.method.as_str()) {
             return None;
         }
         // A bad body, or a VM that cannot be snapshotted now, is answered at once by `handle`.
         let body = snapshot_request(req).ok()?;
+        let (later, reply) = server::later().ok()?;
         self.vm.begin_snapshot().ok()?;
-        let (answer, response) = mpsc::channel();
         let vm = self.vm.clone();
         let request = body.clone();
+        // If the thread cannot start, its reply is dropped with it: the snapshot is then
+        // taken the old way, on the API thread, and answered through a fresh pair.
         let spawned = std::thread::Builder::new()
             .name("vmon-snapshot".into())
-            .spawn(move || {
-                let _ = answer.send(snapshot_response(vm.snapshot(&request)));
-            });
+            .spawn(move || reply.send(snapshot_response(vm.snapshot(&request))));
         if spawned.is_err() {
-            // Without a thread, the snapshot is taken the old way, on the API thread.
-            let (answer, response) = mpsc::channel();
-            let _ = answer.send(snapshot_response(self.vm.snapshot(&body)));
-            return Some(response);
+            let (later, reply) = server::later().ok()?;
+            reply.send(snapshot_response(self.vm.snapshot(&body)));
+            return Some(later);
         }
-        Some(response)
+        Some(later)
     }
 
     fn handle(&self, req: &Request) -> Response {

@@ -47,8 +47,6 @@ const ACCEPT_BATCH: usize = 64;
 /// How long to stop accepting after the process ran out of descriptors, which would
 /// otherwise leave the listener readable and the thread spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// How often a connection waiting for a response answered later checks for it.
-const AWAIT_POLL: Duration = Duration::from_millis(5);
 /// How long a stopping server still waits to send responses answered later.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -105,9 +103,50 @@ pub trait Handler: Send + Sync {
     /// server goes on serving other connections; this one answers nothing else until the
     /// response arrives, however long that takes. `None` (the default): [`Self::handle`]
     /// answers it now.
-    fn start(&self, request: &Request) -> Option<mpsc::Receiver<Response>> {
+    fn start(&self, request: &Request) -> Option<Later> {
         let _ = request;
         None
+    }
+}
+
+/// A response that arrives later (see [`Handler::start`]). The server does not poll for
+/// it: it waits on a socket that reaches end-of-file when the [`Reply`] is gone, answered
+/// or not.
+pub struct Later {
+    response: mpsc::Receiver<Response>,
+    ready: UnixStream,
+}
+
+/// Where work started by [`Handler::start`] sends its response, from any thread. Dropping
+/// it unsent answers the client 500.
+pub struct Reply {
+    // Dropped in this order: the response is in the channel before the server wakes.
+    answer: mpsc::Sender<Response>,
+    _wake: UnixStream,
+}
+
+impl Reply {
+    pub fn send(self, response: Response) {
+        let _ = self.answer.send(response);
+    }
+}
+
+/// A [`Later`] for [`Handler::start`] to return, and the [`Reply`] that answers it.
+pub fn later() -> io::Result<(Later, Reply)> {
+    let (ready, wake) = UnixStream::pair()?;
+    let (answer, response) = mpsc::channel();
+    Ok((
+        Later { response, ready },
+        Reply {
+            answer,
+            _wake: wake,
+        },
+    ))
+}
+
+impl std::fmt::Debug for Later {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Later")
     }
 }
 
@@ -375,12 +414,15 @@ pub(crate) struct Session {
     closing: bool,
     /// A request answered later ([`Handler::start`]); requests behind it wait.
     awaiting: Option<Awaiting>,
+    /// The server is stopping: an awaited answer still goes out, nothing after it is
+    /// started.
+    draining: bool,
 }
 
 /// A request whose response comes from elsewhere, and how to frame it when it does.
 #[derive(Debug)]
 struct Awaiting {
-    response: mpsc::Receiver<Response>,
+    response: Later,
     head_only: bool,
     connection: Connection,
     keep_alive: bool,
@@ -426,6 +468,16 @@ impl Session {
         self.awaiting.is_some()
     }
 
+    /// What to poll for the awaited response: readable once it is in (or never will be).
+    pub(crate) fn awaiting_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.awaiting.as_ref().map(|a| a.response.ready.as_raw_fd())
+    }
+
+    /// The server is stopping: answer what is awaited, start nothing new.
+    pub(crate) fn drain(&mut self) {
+        self.draining = true;
+    }
+
     pub(crate) fn pending_output(&self) -> &[u8] {
         self.output.get(self.sent..).unwrap_or_default()
     }
@@ -453,7 +505,7 @@ impl Session {
         let mut answered = 0;
         while !self.closing && self.pending_output().len() < limits.max_queued_output {
             if let Some(a) = &self.awaiting {
-                let response = match a.response.try_recv() {
+                let response = match a.response.response.try_recv() {
                     Ok(r) => r,
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
@@ -463,9 +515,13 @@ impl Session {
                 let (head_only, connection, keep_alive) = (a.head_only, a.connection, a.keep_alive);
                 self.awaiting = None;
                 self.queue(&response, head_only, connection, stats);
-                self.closing = !keep_alive;
+                self.closing = !keep_alive || self.draining;
                 answered += 1;
                 continue;
+            }
+            if self.draining {
+                self.closing = true;
+                break;
             }
             match http::parse_request(&self.input, limits.max_head, limits.max_body) {
                 Parsed::NeedMore { .. } if self.input_ended => {
@@ -626,7 +682,8 @@ impl Conn {
             return None;
         }
         if self.session.is_awaiting() {
-            return Some(Instant::now() + AWAIT_POLL);
+            // No request timeout while the work runs; its answer wakes the poll.
+            return None;
         }
         if let Some(t) = self.linger_until {
             return Some(t);
@@ -844,6 +901,8 @@ struct EventLoop {
     /// socket with unread input resets it, and the client would see ECONNRESET instead of
     /// the 503. Bounded; past the bound they are closed at once.
     rejected: Vec<(UnixStream, Instant)>,
+    /// Connections awaiting an answer, in the order their wake-up sockets are in `fds`.
+    awaited: Vec<usize>,
 }
 
 /// How many 503'd connections may linger at once.
@@ -867,6 +926,7 @@ impl EventLoop {
             scratch: vec![0; SCRATCH_SIZE],
             accept_paused_until: None,
             rejected: Vec::new(),
+            awaited: Vec::new(),
             limits,
         }
     }
@@ -899,6 +959,14 @@ impl EventLoop {
             for (s, _) in &self.rejected {
                 self.fds.push(sys::pollfd(s.as_raw_fd(), libc::POLLIN));
             }
+            // Then the answers awaited, each with the index of its connection.
+            self.awaited.clear();
+            for (i, c) in self.conns.iter().enumerate() {
+                if let Some(fd) = c.session.awaiting_fd().filter(|_| !c.dead) {
+                    self.fds.push(sys::pollfd(fd, libc::POLLIN));
+                    self.awaited.push(i);
+                }
+            }
             let deadline = self
                 .conns
                 .iter()
@@ -923,15 +991,27 @@ impl EventLoop {
 
             let now = Instant::now();
             let fds = std::mem::take(&mut self.fds);
+            let answers_at = 2 + self.conns.len() + self.rejected.len();
+            let awaited = std::mem::take(&mut self.awaited);
             self.for_each_conn(|c, i, ctx| {
                 let revents = fds[2 + i].revents;
                 if revents != 0 {
                     c.service(now, revents, ctx);
                 }
             });
+            self.for_each_conn(|c, i, ctx| {
+                let answered = awaited
+                    .iter()
+                    .position(|&a| a == i)
+                    .is_some_and(|k| fds[answers_at + k].revents != 0);
+                if answered {
+                    c.advance(now, ctx);
+                }
+            });
+            self.awaited = awaited;
             self.fds = fds;
             // Drain what 503'd clients still send; drop them at EOF or error.
-            let polled = &self.fds[2 + self.conns.len()..];
+            let polled = &self.fds[2 + self.conns.len()..answers_at];
             let mut keep = Vec::with_capacity(self.rejected.len());
             for ((s, until), p) in self.rejected.drain(..).zip(polled) {
                 let open = p.revents == 0
@@ -956,6 +1036,9 @@ impl EventLoop {
     /// (and so this server) just as its answer is sent.
     fn finish_awaiting(&mut self) {
         let deadline = Instant::now() + SHUTDOWN_GRACE;
+        for c in &mut self.conns {
+            c.session.drain();
+        }
         loop {
             let now = Instant::now();
             let busy = |c: &Conn| {

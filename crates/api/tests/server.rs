@@ -725,7 +725,7 @@ fn large_bodies_share_a_bounded_pool() {
 /// A handler whose `/slow` requests are answered later, by whoever holds the sender the
 /// test gets through `pending`; everything else is answered at once.
 struct Deferring {
-    pending: std::sync::Mutex<std::sync::mpsc::Sender<std::sync::mpsc::Sender<Response>>>,
+    pending: std::sync::Mutex<std::sync::mpsc::Sender<vmon_api::Reply>>,
 }
 
 impl vmon_api::server::Handler for Deferring {
@@ -733,13 +733,13 @@ impl vmon_api::server::Handler for Deferring {
         Response::text(200, format!("now {}", request.path))
     }
 
-    fn start(&self, request: &vmon_api::Request) -> Option<std::sync::mpsc::Receiver<Response>> {
+    fn start(&self, request: &vmon_api::Request) -> Option<vmon_api::Later> {
         if request.path != "/slow" {
             return None;
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.pending.lock().unwrap().send(tx).unwrap();
-        Some(rx)
+        let (later, reply) = vmon_api::later().unwrap();
+        self.pending.lock().unwrap().send(reply).unwrap();
+        Some(later)
     }
 }
 
@@ -799,7 +799,7 @@ fn a_request_answered_later_holds_only_its_own_connection() {
     );
     slow.set_nonblocking(false).unwrap();
 
-    answer.send(Response::text(200, "later")).unwrap();
+    answer.send(Response::text(200, "later"));
     let mut seen = Vec::new();
     let text = read_until(&mut slow, &mut seen, "now /after");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -816,13 +816,18 @@ fn a_request_answered_later_holds_only_its_own_connection() {
     let text = read_until(&mut slow, &mut seen, "without an answer");
     assert!(text.contains("HTTP/1.1 500"), "{text}");
 
-    // A server told to stop still sends an answer that arrives just after.
-    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    // A server told to stop still sends an answer that arrives just after, but starts
+    // nothing pipelined behind it: the connection then closes.
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /behind HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let answer = pending.recv_timeout(Duration::from_secs(5)).unwrap();
     let stopper = std::thread::spawn(move || handle.shutdown());
     std::thread::sleep(Duration::from_millis(50));
-    answer.send(Response::text(200, "last")).unwrap();
+    answer.send(Response::text(200, "last"));
     read_until(&mut slow, &mut seen, "last");
     stopper.join().unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut slow, &mut rest).unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("behind"), "answered after shutdown: {rest}");
 }

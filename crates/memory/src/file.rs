@@ -27,6 +27,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,8 @@ pub enum MemoryFileError {
         #[source]
         source: io::Error,
     },
+    #[error("saving guest memory to {} was cancelled", path.display())]
+    Cancelled { path: PathBuf },
 }
 
 /// What a save did.
@@ -105,6 +108,17 @@ pub fn save_guest_memory(
     mem: &GuestMemory,
     path: &Path,
 ) -> Result<MemorySaveStats, MemoryFileError> {
+    save_guest_memory_unless(mem, path, &AtomicBool::new(false))
+}
+
+/// [`save_guest_memory`] that gives up, with [`MemoryFileError::Cancelled`] and its
+/// temporary file removed, once `cancel` is set: checked between chunks of 1 MiB, so a
+/// VMM that must exit does not first write gigabytes nobody will read.
+pub fn save_guest_memory_unless(
+    mem: &GuestMemory,
+    path: &Path,
+    cancel: &AtomicBool,
+) -> Result<MemorySaveStats, MemoryFileError> {
     let start = Instant::now();
     let fail = |step: &'static str| {
         move |source: io::Error| MemoryFileError::Save {
@@ -130,12 +144,19 @@ pub fn save_guest_memory(
         buf: vec![0u8; COPY_CHUNK],
         bytes_written: 0,
         pages_resident: 0,
+        cancel,
     };
     let mut base = 0u64;
     for region in mem.iter() {
-        saver
-            .save_region(region, base)
-            .map_err(|(step, e)| fail(step)(e))?;
+        saver.save_region(region, base).map_err(|(step, e)| {
+            if step == CANCELLED {
+                MemoryFileError::Cancelled {
+                    path: path.to_owned(),
+                }
+            } else {
+                fail(step)(e)
+            }
+        })?;
         base += region.len();
     }
     let (bytes_written, pages_resident) = (saver.bytes_written, saver.pages_resident);
@@ -269,7 +290,11 @@ struct Saver<'a> {
     buf: Vec<u8>,
     bytes_written: u64,
     pages_resident: u64,
+    cancel: &'a AtomicBool,
 }
+
+/// The "step" a cancelled save stops at.
+const CANCELLED: &str = "cancelled";
 
 type StepError = (&'static str, io::Error);
 
@@ -316,6 +341,9 @@ impl Saver<'_> {
         let file_backed = region.file_offset().is_some();
         let mut at = start;
         while at < end {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err((CANCELLED, io::Error::from(io::ErrorKind::Interrupted)));
+            }
             let n = (end - at).min(COPY_CHUNK);
             if file_backed {
                 // Restored memory is read a page per fault (advise_random); ask for this chunk
@@ -708,6 +736,24 @@ mod tests {
         let c = restore_guest_memory(&layout, &path).unwrap();
         assert_eq!(c.read_obj::<u64>(GuestAddress(MIB)).unwrap(), 1);
         assert_eq!(c.read_obj::<u64>(GuestAddress(2 * MIB)).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_cancelled_save_stops_and_leaves_no_file() {
+        let dir = TestDir::new("cancelled");
+        let path = dir.path("memory");
+        let layout = layout(64);
+        let mem = create_guest_memory(&layout).unwrap();
+        mem.write_obj(1u64, GuestAddress(MIB)).unwrap();
+        let cancel = AtomicBool::new(true);
+        let e = save_guest_memory_unless(&mem, &path, &cancel).unwrap_err();
+        assert!(matches!(e, MemoryFileError::Cancelled { .. }), "{e}");
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -16,7 +16,10 @@ pub mod host;
 pub mod layout;
 pub mod size;
 
-pub use file::{restore_guest_memory, save_guest_memory, MemoryFileError, MemorySaveStats};
+pub use file::{
+    restore_guest_memory, save_guest_memory, save_guest_memory_unless, MemoryFileError,
+    MemorySaveStats,
+};
 pub use host::HostMemory;
 pub use layout::{E820Entry, E820Kind, MemoryLayout};
 pub use size::{MemSize, SizeError};

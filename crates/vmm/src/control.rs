@@ -234,6 +234,8 @@ pub struct VmControl {
     /// The memory file of the snapshot being written, so that vmon exiting in the middle
     /// (a signal) removes it rather than leave an unreferenced file of guest RAM behind.
     snapshot_files: Mutex<SnapshotFiles>,
+    /// Set with [`SnapshotFiles::abandoned`]: stops the memory writer at its next chunk.
+    snapshot_cancel: AtomicBool,
 }
 
 #[derive(Default)]
@@ -304,6 +306,7 @@ impl VmControl {
             api_stats: Mutex::new(None),
             snapshotting: AtomicBool::new(false),
             snapshot_files: Mutex::new(SnapshotFiles::default()),
+            snapshot_cancel: AtomicBool::new(false),
         })
     }
 
@@ -486,15 +489,17 @@ impl VmControl {
                 remove_memory_file(&path);
             }
         };
-        let memory = vmon_memory::save_guest_memory(&s.memory, &memory_path).map_err(|e| {
-            let mut files = lock(&self.snapshot_files);
-            if files.abandoned {
-                // The exit removed the file under the writer's feet: that is the news.
-                return ApiError::unavailable("snapshot abandoned: vmon is exiting".into());
-            }
-            forget(&mut files);
-            fail("guest memory", &e)
-        })?;
+        let memory =
+            vmon_memory::save_guest_memory_unless(&s.memory, &memory_path, &self.snapshot_cancel)
+                .map_err(|e| {
+                let mut files = lock(&self.snapshot_files);
+                if files.abandoned {
+                    // The exit removed the file under the writer's feet: that is the news.
+                    return ApiError::unavailable("snapshot abandoned: vmon is exiting".into());
+                }
+                forget(&mut files);
+                fail("guest memory", &e)
+            })?;
         // The state file last: a directory with a state file has its complete memory file.
         // It is written under the lock, so an exit either waits for it or comes first (and
         // has removed the memory file already).
@@ -535,6 +540,7 @@ impl VmControl {
     pub fn abandon_snapshot(&self) -> Option<std::path::PathBuf> {
         let mut files = lock(&self.snapshot_files);
         files.abandoned = true;
+        self.snapshot_cancel.store(true, Ordering::Relaxed);
         let path = files.memory.take()?;
         remove_memory_file(&path);
         Some(path)

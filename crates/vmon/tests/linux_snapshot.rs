@@ -104,6 +104,15 @@ impl Vmon {
     }
 }
 
+/// A test that fails midway must not leave a guest running (in the lab, ten of them would
+/// starve every later test).
+impl Drop for Vmon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn a_debian_guest_with_a_disk_continues_in_a_new_process() {
     if !linux_tier("a_debian_guest_with_a_disk_continues_in_a_new_process") {
