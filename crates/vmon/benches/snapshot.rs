@@ -21,11 +21,10 @@ use std::time::{Duration, Instant};
 
 use vmon_tinyguest as tg;
 
-const VMON: &str = env!("CARGO_BIN_EXE_vmon");
 const MIB: u64 = 1 << 20;
 
 fn spawn(args: &[&str]) -> Child {
-    Command::new(VMON)
+    Command::new(common::vmon_bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -97,7 +96,7 @@ fn restore_latency(dir: &Path) -> Duration {
 /// work (exec, dynamic loading, Rust start-up), so restore's own share can be told apart.
 fn process_start() -> Duration {
     let t0 = Instant::now();
-    let status = Command::new(VMON)
+    let status = Command::new(common::vmon_bin())
         .arg("--version")
         .stdout(Stdio::null())
         .status()

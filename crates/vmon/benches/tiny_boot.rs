@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use vmon_tinyguest as tg;
 
-const VMON: &str = env!("CARGO_BIN_EXE_vmon");
-
 fn main() {
     let runs = common::runs_from_args(20);
     let dir = std::env::temp_dir().join(format!("vmon-bench-{}", std::process::id()));
@@ -27,7 +25,7 @@ fn main() {
     let image = image.to_str().unwrap().to_string();
 
     let vmon = || {
-        let mut c = Command::new(VMON);
+        let mut c = Command::new(common::vmon_bin());
         c.args([
             "run",
             "--kernel",

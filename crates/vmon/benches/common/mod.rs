@@ -180,6 +180,12 @@ pub fn qemu_microvm(memory: &str, cpus: &str) -> Command {
     c
 }
 
+/// The vmon binary to measure: `VMON_BIN` (say, the static release build of
+/// `scripts/build-release.sh`) or the one cargo built for this benchmark.
+pub fn vmon_bin() -> String {
+    std::env::var("VMON_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vmon").to_string())
+}
+
 pub fn runs_from_args(default: usize) -> usize {
     std::env::args()
         .skip(1)
