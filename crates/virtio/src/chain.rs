@@ -14,9 +14,10 @@
 //! Devices then address the readable and writable parts as flat byte ranges.
 
 use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmon_memory::GuestMemory;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -177,7 +178,77 @@ pub fn serve_some(
 
 /// Puts back the chain just popped (the device could not take it yet, e.g. no room).
 pub fn unpop(queue: &mut Queue) {
-    queue.set_next_avail((Wrapping(queue.next_avail()) - Wrapping(1)).0);
+    unpop_n(queue, 1);
+}
+
+/// Puts back the last `n` chains popped, which the driver offers again in the same order.
+pub fn unpop_n(queue: &mut Queue, n: usize) {
+    queue.set_next_avail((Wrapping(queue.next_avail()) - Wrapping(n as u16)).0);
+}
+
+/// Returns several chains to the driver at once: every used element is written first and
+/// the used index moves once, so the driver never sees some of them without the others.
+/// (A packet merged over several receive buffers must arrive whole: Linux drops it if the
+/// used ring holds fewer buffers than the header announces.) virtio-queue's `add_used`
+/// publishes each element as it goes, so this writes the ring itself, through the same
+/// bounds-checked accesses; [`wants_interrupt`] then decides on the interrupt, since
+/// virtio-queue's own decision does not count chains returned here.
+pub fn complete_together(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    used: &[(u16, u32)],
+) -> Result<(), QueueBroken> {
+    const RING_HEADER: u64 = 4;
+    const ELEMENT: u64 = 8;
+    let size = queue.size();
+    let ring = GuestAddress(queue.used_ring());
+    let next = Wrapping(queue.next_used());
+    for (i, &(head, len)) in used.iter().enumerate() {
+        if head >= size {
+            return Err(QueueBroken::HeadIndex { head, size });
+        }
+        let slot = u64::from((next + Wrapping(i as u16)).0 % size);
+        // virtq_used_elem: id and len, little-endian u32s.
+        let mut element = [0u8; 8];
+        element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        element[4..].copy_from_slice(&len.to_le_bytes());
+        let at = ring
+            .checked_add(RING_HEADER + slot * ELEMENT)
+            .ok_or(QueueBroken::UsedRing)?;
+        mem.write_slice(&element, at)
+            .map_err(|_| QueueBroken::UsedRing)?;
+    }
+    let published = next + Wrapping(used.len() as u16);
+    queue.set_next_used(published.0);
+    let index = ring.checked_add(2).ok_or(QueueBroken::UsedRing)?;
+    mem.store(u16::to_le(published.0), index, Ordering::Release)
+        .map_err(|_| QueueBroken::UsedRing)
+}
+
+/// Whether the driver wants an interrupt for what was used since the used index was
+/// `since` (the index at the previous decision): the driver's `used_event` must lie in
+/// that stretch when VIRTIO_F_EVENT_IDX is on, else its NO_INTERRUPT flag must be clear.
+/// The same rule as virtio-queue's `needs_notification`, which only counts chains
+/// returned through `add_used`.
+pub fn wants_interrupt(queue: &Queue, mem: &GuestMemory, since: u16) -> Result<bool, QueueBroken> {
+    const NO_INTERRUPT: u16 = 1;
+    // The used elements and index must be visible before the driver's flags are read.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let avail = GuestAddress(queue.avail_ring());
+    let read = |offset: u64| -> Result<u16, QueueBroken> {
+        let at = avail.checked_add(offset).ok_or(QueueBroken::AvailRing)?;
+        mem.load::<u16>(at, Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(|_| QueueBroken::AvailRing)
+    };
+    if queue.event_idx_enabled() {
+        let used_event = Wrapping(read(4 + 2 * u64::from(queue.size()))?);
+        let new = Wrapping(queue.next_used());
+        let old = Wrapping(since);
+        Ok(new - used_event - Wrapping(1) < new - old)
+    } else {
+        Ok(read(0)? & NO_INTERRUPT == 0)
+    }
 }
 
 impl Chain {

@@ -27,9 +27,14 @@
 //! for. What the driver *sends* needs nothing: a tap with virtio headers accepts GSO and
 //! partial-checksum packets whatever its offload flags.
 //!
-//! MRG_RXBUF is not offered: a merged packet's buffers must appear in the used ring
-//! together, and virtio-queue publishes every used element as it is added. Without it Linux
-//! posts "big packet" chains of 64 KiB and more when it accepts TSO, so GSO packets fit.
+//! MRG_RXBUF is offered. With it Linux posts small receive buffers (a page or so each)
+//! and a packet may span several: the device takes buffers off the ring until the largest
+//! packet would fit (or the driver has posted no more), reads the packet across all of them
+//! at once, puts back those it did not need, sets `num_buffers` and returns the used ones
+//! together (`chain::complete_together`), since Linux drops a packet whose buffers are not
+//! all in the used ring when it looks. Without MRG_RXBUF Linux posts "big packet" chains of
+//! 64 KiB and more when it accepts TSO, so that GSO packets fit, and receives every packet,
+//! however small, into one of them.
 //!
 //! Interrupts are raised once per batch of chains, when the driver wants one (EVENT_IDX is
 //! honoured through virtio-queue). A malformed chain fails only that packet (length 0); a
@@ -82,6 +87,9 @@ const IOV_MAX: usize = 1024;
 /// Host buffer a receive continues into past the driver's buffers, to see whether the
 /// packet fitted: larger than any packet a tap hands over (GSO packets are under 64 KiB).
 const OVERFLOW_LEN: usize = 64 * 1024;
+/// With MRG_RXBUF, buffers are gathered until this much room: the header and the largest
+/// packet a tap hands over.
+const MERGED_ROOM: u64 = (VNET_HDR_LEN + OVERFLOW_LEN) as u64;
 const CONFIG_LEN: usize = 8;
 
 const fn bit(n: u32) -> u64 {
@@ -98,6 +106,7 @@ pub const F_HOST_TSO4: u64 = bit(vn::VIRTIO_NET_F_HOST_TSO4);
 pub const F_HOST_TSO6: u64 = bit(vn::VIRTIO_NET_F_HOST_TSO6);
 pub const F_HOST_ECN: u64 = bit(vn::VIRTIO_NET_F_HOST_ECN);
 pub const F_STATUS: u64 = bit(vn::VIRTIO_NET_F_STATUS);
+pub const F_MRG_RXBUF: u64 = bit(vn::VIRTIO_NET_F_MRG_RXBUF);
 const S_LINK_UP: u16 = vn::VIRTIO_NET_S_LINK_UP as u16;
 
 /// Feature bits the device offers.
@@ -111,7 +120,8 @@ pub const FEATURES: u64 = COMMON_FEATURES
     | F_GUEST_ECN
     | F_HOST_TSO4
     | F_HOST_TSO6
-    | F_HOST_ECN;
+    | F_HOST_ECN
+    | F_MRG_RXBUF;
 
 /// The tap offload flags (`TUN_F_*`) for what a driver with `features` can receive:
 /// partial checksums with GUEST_CSUM, and on top of that the GSO kinds it accepted.
@@ -442,7 +452,9 @@ impl VirtioDevice for Net {
         if link_came_back {
             a.interrupt.signal_config();
         }
+        let rx_signalled_at = rx.queue.next_used();
         let runner = Runner {
+            rx_signalled_at,
             rx,
             tx,
             io: PacketIo {
@@ -450,6 +462,7 @@ impl VirtioDevice for Net {
                 memory: a.memory,
                 counters: self.counters.clone(),
                 guest_csum: a.features & F_GUEST_CSUM != 0,
+                merged: a.features & F_MRG_RXBUF != 0,
                 gone,
                 overflow: vec![0; OVERFLOW_LEN],
             },
@@ -528,6 +541,8 @@ struct PacketIo {
     counters: Arc<NetCounters>,
     /// The driver accepted GUEST_CSUM; otherwise header flags must read zero.
     guest_csum: bool,
+    /// The driver accepted MRG_RXBUF: a packet may span several receive chains.
+    merged: bool,
     /// The backend failed for good (the tap was deleted).
     gone: bool,
     /// Receives continue here past the driver's buffers (see [`OVERFLOW_LEN`]).
@@ -670,6 +685,95 @@ impl PacketIo {
     }
 }
 
+impl PacketIo {
+    /// Reads one packet across `chains` (MRG_RXBUF), each already checked to hold at least
+    /// a header. On success the header's `num_buffers` says how many of them it fills.
+    fn recv_merged(&mut self, chains: &[(u16, Chain)]) -> MergedRx {
+        let c = &self.counters;
+        if self.gone {
+            return MergedRx::Nothing;
+        }
+        let mut iov = Vec::with_capacity(chains.len() + 1);
+        let mut room = 0;
+        for (_, chain) in chains {
+            match chain.writable_iovecs(&self.memory, 0, chain.writable_len()) {
+                Ok(v) if iov.len() + v.len() < IOV_MAX => iov.extend(v),
+                _ => {
+                    bump(&c.rx_errors, 1);
+                    return MergedRx::Unusable;
+                }
+            }
+            room += chain.writable_len();
+        }
+        iov.push(libc::iovec {
+            iov_base: self.overflow.as_mut_ptr().cast(),
+            iov_len: self.overflow.len(),
+        });
+        // SAFETY: as in `recv`: every iovec but the last comes from
+        // `Chain::writable_iovecs` (checked against guest RAM, which stays mapped while this
+        // thread holds `memory`); the last is `overflow`, ours alone.
+        let n = match unsafe { self.backend.recv(&iov) } {
+            Ok(n) => n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return MergedRx::Nothing,
+            Err(e) => {
+                if gone_if_ebadfd(&mut self.gone, &e) {
+                    return MergedRx::Nothing;
+                }
+                tracing::debug!("virtio-net: reading {}: {e}", self.backend.describe());
+                bump(&c.rx_errors, 1);
+                return MergedRx::Failed;
+            }
+        };
+        if n > room {
+            tracing::debug!("virtio-net: dropped a {n}-byte packet: the driver posted {room}");
+            bump(&c.rx_dropped, 1);
+            return MergedRx::TooBig;
+        }
+        if n < VNET_HDR_LEN as u64 {
+            bump(&c.rx_errors, 1);
+            return MergedRx::Failed;
+        }
+        let mut lens = Vec::new();
+        let mut left = n;
+        for (_, chain) in chains {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(chain.writable_len());
+            lens.push(take as u32);
+            left -= take;
+        }
+        let first = &chains[0].1;
+        let count = lens.len() as u16;
+        let mut written = first.write_at(&self.memory, NUM_BUFFERS_OFFSET, &count.to_le_bytes());
+        if !self.guest_csum && written.is_ok() {
+            written = first.write_at(&self.memory, 0, &[0]);
+        }
+        if written.is_err() {
+            bump(&c.rx_errors, 1);
+            return MergedRx::Failed;
+        }
+        bump(&c.rx_packets, 1);
+        bump(&c.rx_bytes, n - VNET_HDR_LEN as u64);
+        MergedRx::Packet(lens)
+    }
+}
+
+/// What a receive across several chains (MRG_RXBUF) did with them.
+enum MergedRx {
+    /// A packet is in the first chains, this many bytes in each; the rest are unused.
+    Packet(Vec<u32>),
+    /// Nothing to read (or no backend any more): all chains stay on the queue.
+    Nothing,
+    /// The packet was larger than the chains, and dropped: they are unused.
+    TooBig,
+    /// Reading failed: the first chain is returned empty (so a lasting error uses up
+    /// buffers rather than spinning), the rest are unused.
+    Failed,
+    /// A chain cannot be used (too many buffers for one read): all are returned empty.
+    Unusable,
+}
+
 /// A tap whose interface was deleted answers EBADFD from then on.
 fn gone_if_ebadfd(gone: &mut bool, e: &io::Error) -> bool {
     if e.raw_os_error() == Some(libc::EBADFD) {
@@ -680,6 +784,9 @@ fn gone_if_ebadfd(gone: &mut bool, e: &io::Error) -> bool {
 
 /// The device thread's state.
 struct Runner {
+    /// The receive queue's used index when the last interrupt decision was made (see
+    /// `chain::wants_interrupt`).
+    rx_signalled_at: u16,
     rx: ActiveQueue,
     tx: ActiveQueue,
     io: PacketIo,
@@ -885,6 +992,9 @@ impl Runner {
     /// posted nothing more (then the receive queue's notifications are re-armed and the
     /// backend left alone), or a batch is done (the backend, still readable, wakes us).
     fn receive(&mut self) -> Result<(), QueueBroken> {
+        if self.io.merged {
+            return self.receive_merged();
+        }
         let q = &mut self.rx.queue;
         let mem = &self.io.memory.clone();
         let mut used = false;
@@ -929,16 +1039,111 @@ impl Runner {
         self.signal(RX, used)
     }
 
+    /// Like [`Self::receive`], for MRG_RXBUF: each packet takes as many chains as it needs.
+    fn receive_merged(&mut self) -> Result<(), QueueBroken> {
+        let mem = &self.io.memory.clone();
+        let mut used = false;
+        let mut served = 0;
+        let mut chains: Vec<(u16, Chain)> = Vec::new();
+        self.rx
+            .queue
+            .disable_notification(mem)
+            .map_err(|_| QueueBroken::UsedRing)?;
+        while served < BATCH {
+            if let Some(l) = &mut self.rx_limiter {
+                if !l.consume(0) {
+                    self.rx_throttled = true;
+                    break;
+                }
+            }
+            let q = &mut self.rx.queue;
+            // Buffers until the largest packet fits, or until the driver has no more.
+            chains.clear();
+            let mut room = 0;
+            while room < MERGED_ROOM {
+                let Some(Popped { head, chain }) = chain::pop(q, mem)? else {
+                    break;
+                };
+                match chain {
+                    Ok(c) if c.writable_len() >= VNET_HDR_LEN as u64 => {
+                        room += c.writable_len();
+                        chains.push((head, c));
+                    }
+                    // Every merged buffer must hold a header. Such a chain is returned empty,
+                    // but only first in line: the chains gathered are put back by count
+                    // (`unpop_n`), so none may be completed after them. Behind others, it
+                    // waits for the next packet.
+                    _ if chains.is_empty() => {
+                        bump(&self.io.counters.rx_errors, 1);
+                        chain::complete(q, mem, head, 0)?;
+                        used = true;
+                    }
+                    _ => {
+                        chain::unpop(q);
+                        break;
+                    }
+                }
+            }
+            if chains.is_empty() {
+                if q.enable_notification(mem)
+                    .map_err(|_| QueueBroken::UsedRing)?
+                {
+                    continue; // the driver posted more meanwhile
+                }
+                self.rx_paused = true;
+                break;
+            }
+            match self.io.recv_merged(&chains) {
+                MergedRx::Nothing => {
+                    chain::unpop_n(q, chains.len());
+                    break;
+                }
+                MergedRx::TooBig => chain::unpop_n(q, chains.len()),
+                MergedRx::Packet(lens) => {
+                    chain::unpop_n(q, chains.len() - lens.len());
+                    let done: Vec<(u16, u32)> =
+                        chains.iter().map(|&(head, _)| head).zip(lens).collect();
+                    chain::complete_together(q, mem, &done)?;
+                    if let Some(l) = &mut self.rx_limiter {
+                        let bytes: u64 = done.iter().map(|&(_, len)| u64::from(len)).sum();
+                        l.charge(bytes.saturating_sub(VNET_HDR_LEN as u64));
+                    }
+                    used = true;
+                    served += 1;
+                }
+                MergedRx::Failed => {
+                    chain::unpop_n(q, chains.len() - 1);
+                    chain::complete(q, mem, chains[0].0, 0)?;
+                    used = true;
+                }
+                MergedRx::Unusable => {
+                    for &(head, _) in &chains {
+                        chain::complete(q, mem, head, 0)?;
+                    }
+                    used = true;
+                }
+            }
+        }
+        self.signal(RX, used)
+    }
+
     fn signal(&mut self, index: usize, used: bool) -> Result<(), QueueBroken> {
-        let q: &mut Queue = if index == RX {
-            &mut self.rx.queue
+        let mem = &self.io.memory;
+        let wanted = if !used {
+            false
+        } else if index == RX {
+            // Receive chains may be returned together (MRG_RXBUF), which virtio-queue's
+            // own decision does not count: decide from the used index.
+            let q = &self.rx.queue;
+            let since = std::mem::replace(&mut self.rx_signalled_at, q.next_used());
+            chain::wants_interrupt(q, mem, since)?
         } else {
-            &mut self.tx.queue
-        };
-        if used
-            && q.needs_notification(&self.io.memory)
+            self.tx
+                .queue
+                .needs_notification(mem)
                 .map_err(|_| QueueBroken::UsedRing)?
-        {
+        };
+        if wanted {
             self.interrupt.signal_queue(index);
         }
         Ok(())
@@ -984,11 +1189,11 @@ mod tests {
             "n".into(),
         )
         .features();
-        for bit in [0, 1, 5, 7, 8, 9, 11, 12, 13, 16, 28, 29, 32] {
+        for bit in [0, 1, 5, 7, 8, 9, 11, 12, 13, 15, 16, 28, 29, 32] {
             assert!(f & (1 << bit) != 0, "feature bit {bit} should be offered");
         }
-        // No MRG_RXBUF, UFO, control queue or multiqueue.
-        for bit in [10, 14, 15, 17, 22] {
+        // No UFO, control queue or multiqueue.
+        for bit in [10, 14, 17, 22] {
             assert!(
                 f & (1 << bit) == 0,
                 "feature bit {bit} should not be offered"
@@ -1383,7 +1588,7 @@ mod tests {
 
     #[test]
     fn receive_drops_packets_larger_than_the_buffer() {
-        let mut h = Harness::start(FEATURES);
+        let mut h = Harness::start(FEATURES & !F_MRG_RXBUF);
         h.rx.offer(&h.mem, &[(0x2_0000, 100, true)]);
         h.rx.offer(&h.mem, &[(0x3_0000, 8, true)]); // shorter than a header
         h.rx.offer(&h.mem, &[(0x4_0000, 62, true)]); // exactly the next packet
@@ -1408,6 +1613,104 @@ mod tests {
         let s = h.stats();
         assert_eq!((s.rx_packets, s.rx_dropped, s.rx_errors), (1, 1, 1));
         h.net.reset();
+    }
+
+    /// MRG_RXBUF: a packet spans as many small buffers as it needs, `num_buffers` says how
+    /// many, they reach the used ring together, and the buffers it did not need serve the
+    /// next packet.
+    #[test]
+    fn merged_receive_spreads_a_packet_over_buffers() {
+        let mut h = Harness::start(FEATURES);
+        // Ten 512-byte buffers, one per chain.
+        let buf = |i: u64| 0x2_0000 + i * 0x1000;
+        for i in 0..10 {
+            h.rx.offer(&h.mem, &[(buf(i), 512, true)]);
+        }
+        h.rx_kick.write(1).unwrap();
+        let big = packet(7, 1300 - VNET_HDR_LEN); // 1300 bytes: three buffers
+        let small = packet(8, 100); // one buffer
+        h.peer.send(&big).unwrap();
+        h.peer.send(&small).unwrap();
+        h.rx.wait_used(&h.mem, 4);
+        assert_eq!(h.rx.used(&h.mem, 0), (0, 512));
+        assert_eq!(h.rx.used(&h.mem, 1), (1, 512));
+        assert_eq!(h.rx.used(&h.mem, 2), (2, 276));
+        assert_eq!(h.rx.used(&h.mem, 3), (3, (VNET_HDR_LEN + 100) as u32));
+        let mut got = Vec::new();
+        for (i, len) in [(0, 512), (1, 512), (2, 276)] {
+            got.extend(read_guest(&h.mem, buf(i), len));
+        }
+        let mut want = big.clone();
+        want[10..12].copy_from_slice(&3u16.to_le_bytes());
+        assert_eq!(got, want, "the packet across three buffers, num_buffers 3");
+        let mut want = small.clone();
+        want[10..12].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(read_guest(&h.mem, buf(3), want.len()), want);
+        let s = h.wait_stats(|s| s.rx_packets == 2);
+        assert_eq!((s.rx_dropped, s.rx_errors), (0, 0));
+        h.net.reset();
+    }
+
+    /// MRG_RXBUF: a packet larger than all the buffers posted is dropped and the buffers
+    /// stay posted; a buffer too small for a header is returned empty.
+    #[test]
+    fn merged_receive_drops_what_does_not_fit_and_keeps_the_buffers() {
+        let mut h = Harness::start(FEATURES);
+        h.rx.offer(&h.mem, &[(0x2_0000, 8, true)]); // shorter than a header
+        h.rx.offer(&h.mem, &[(0x3_0000, 100, true)]);
+        h.rx.offer(&h.mem, &[(0x4_0000, 100, true)]);
+        h.rx_kick.write(1).unwrap();
+        h.peer.send(&packet(0, 500)).unwrap(); // 512 bytes: more than 200
+        h.peer.send(&packet(1, 150)).unwrap(); // 162: two buffers
+        h.rx.wait_used(&h.mem, 3);
+        assert_eq!(h.rx.used(&h.mem, 0), (0, 0), "malformed: returned empty");
+        assert_eq!(h.rx.used(&h.mem, 1), (1, 100));
+        assert_eq!(h.rx.used(&h.mem, 2), (2, 62));
+        let mut got = read_guest(&h.mem, 0x3_0000, 100);
+        got.extend(read_guest(&h.mem, 0x4_0000, 62));
+        let mut want = packet(1, 150);
+        want[10..12].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(got, want);
+        let s = h.wait_stats(|s| s.rx_packets == 1);
+        assert_eq!((s.rx_dropped, s.rx_errors), (1, 1));
+        h.net.reset();
+    }
+
+    /// The interrupt rule for chains returned together: with EVENT_IDX, only when the
+    /// driver's `used_event` lies in what was returned since the last decision; without it,
+    /// unless the driver set NO_INTERRUPT.
+    #[test]
+    fn merged_chains_interrupt_as_the_driver_asked() {
+        let mem = memory();
+        let (d, mut q) = DriverQueue::new(0, 8);
+        let used_event = GuestAddress(d.avail + 4 + 2 * 8);
+        q.set_event_idx(true);
+        chain::complete_together(&mut q, &mem, &[(0, 10), (1, 20), (2, 30)]).unwrap();
+        assert_eq!(d.used_idx(&mem), 3);
+        assert_eq!(d.used(&mem, 1), (1, 20));
+        // The driver wants an interrupt once the used index passes 1: it did (0 -> 3).
+        mem.write_obj(1u16, used_event).unwrap();
+        assert!(chain::wants_interrupt(&q, &mem, 0).unwrap());
+        // It asks at 5; 3 -> 4 is not there yet, 4 -> 6 is.
+        mem.write_obj(5u16, used_event).unwrap();
+        chain::complete_together(&mut q, &mem, &[(3, 1)]).unwrap();
+        assert!(!chain::wants_interrupt(&q, &mem, 3).unwrap());
+        chain::complete_together(&mut q, &mem, &[(4, 1), (5, 1)]).unwrap();
+        assert!(chain::wants_interrupt(&q, &mem, 4).unwrap());
+        // Wrapping around the ring and the index space.
+        q.set_next_used(u16::MAX - 1);
+        mem.write_obj(0u16, used_event).unwrap();
+        chain::complete_together(&mut q, &mem, &[(6, 1), (7, 1), (0, 1)]).unwrap();
+        assert_eq!(d.used_idx(&mem), 1);
+        assert!(chain::wants_interrupt(&q, &mem, u16::MAX - 1).unwrap());
+        // A head outside the queue breaks it.
+        assert!(chain::complete_together(&mut q, &mem, &[(8, 1)]).is_err());
+        // Without EVENT_IDX: the avail ring's NO_INTERRUPT flag decides.
+        q.set_event_idx(false);
+        mem.write_obj(1u16, GuestAddress(d.avail)).unwrap();
+        assert!(!chain::wants_interrupt(&q, &mem, 0).unwrap());
+        mem.write_obj(0u16, GuestAddress(d.avail)).unwrap();
+        assert!(chain::wants_interrupt(&q, &mem, 0).unwrap());
     }
 
     #[test]
