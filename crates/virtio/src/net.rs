@@ -28,11 +28,11 @@
 //! partial-checksum packets whatever its offload flags.
 //!
 //! MRG_RXBUF is offered. With it Linux posts small receive buffers (a page or so each)
-//! and a packet may span several: the device takes buffers off the ring until the largest
-//! packet would fit (or the driver has posted no more), reads the packet across all of them
-//! at once, puts back those it did not need, sets `num_buffers` and returns the used ones
-//! together (`chain::complete_together`), since Linux drops a packet whose buffers are not
-//! all in the used ring when it looks. Without MRG_RXBUF Linux posts "big packet" chains of
+//! and a packet may span several: the device reads a packet into the first buffer and, for
+//! what does not fit, the overflow buffer; copies that into as many further buffers as it
+//! needs; sets `num_buffers` and returns the buffers together
+//! (`chain::complete_together`), since Linux drops a packet whose buffers are not all in
+//! the used ring when it looks. Without MRG_RXBUF Linux posts "big packet" chains of
 //! 64 KiB and more when it accepts TSO, so that GSO packets fit, and receives every packet,
 //! however small, into one of them.
 //!
@@ -87,9 +87,8 @@ const IOV_MAX: usize = 1024;
 /// Host buffer a receive continues into past the driver's buffers, to see whether the
 /// packet fitted: larger than any packet a tap hands over (GSO packets are under 64 KiB).
 const OVERFLOW_LEN: usize = 64 * 1024;
-/// With MRG_RXBUF, buffers are gathered until this much room: the header and the largest
-/// packet a tap hands over.
-const MERGED_ROOM: u64 = (VNET_HDR_LEN + OVERFLOW_LEN) as u64;
+/// [`VNET_HDR_LEN`] as a byte count of guest buffers.
+const HDR: u64 = VNET_HDR_LEN as u64;
 const CONFIG_LEN: usize = 8;
 
 const fn bit(n: u32) -> u64 {
@@ -686,25 +685,24 @@ impl PacketIo {
 }
 
 impl PacketIo {
-    /// Reads one packet across `chains` (MRG_RXBUF), each already checked to hold at least
-    /// a header. On success the header's `num_buffers` says how many of them it fills.
-    fn recv_merged(&mut self, chains: &[(u16, Chain)]) -> MergedRx {
+    /// Reads one packet for MRG_RXBUF into `first` (checked to hold at least a header),
+    /// and what does not fit into the overflow buffer, from where [`Self::spill`] copies it
+    /// into further buffers. Most packets (ACKs, anything up to a buffer's size) need only
+    /// the first; a GSO packet pays one extra copy of what spills. Taking every buffer a
+    /// 64 KiB packet might need before each read would instead take (and put back) dozens of
+    /// chains for every small packet.
+    fn read_merged(&mut self, first: &Chain) -> MergedRead {
         let c = &self.counters;
         if self.gone {
-            return MergedRx::Nothing;
+            return MergedRead::Nothing;
         }
-        let mut iov = Vec::with_capacity(chains.len() + 1);
-        let mut room = 0;
-        for (_, chain) in chains {
-            match chain.writable_iovecs(&self.memory, 0, chain.writable_len()) {
-                Ok(v) if iov.len() + v.len() < IOV_MAX => iov.extend(v),
-                _ => {
-                    bump(&c.rx_errors, 1);
-                    return MergedRx::Unusable;
-                }
+        let mut iov = match first.writable_iovecs(&self.memory, 0, first.writable_len()) {
+            Ok(iov) if iov.len() < IOV_MAX => iov,
+            _ => {
+                bump(&c.rx_errors, 1);
+                return MergedRead::Failed;
             }
-            room += chain.writable_len();
-        }
+        };
         iov.push(libc::iovec {
             iov_base: self.overflow.as_mut_ptr().cast(),
             iov_len: self.overflow.len(),
@@ -714,64 +712,62 @@ impl PacketIo {
         // thread holds `memory`); the last is `overflow`, ours alone.
         let n = match unsafe { self.backend.recv(&iov) } {
             Ok(n) => n as u64,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return MergedRx::Nothing,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return MergedRead::Nothing,
             Err(e) => {
                 if gone_if_ebadfd(&mut self.gone, &e) {
-                    return MergedRx::Nothing;
+                    return MergedRead::Nothing;
                 }
                 tracing::debug!("virtio-net: reading {}: {e}", self.backend.describe());
                 bump(&c.rx_errors, 1);
-                return MergedRx::Failed;
+                return MergedRead::Failed;
             }
         };
-        if n > room {
-            tracing::debug!("virtio-net: dropped a {n}-byte packet: the driver posted {room}");
-            bump(&c.rx_dropped, 1);
-            return MergedRx::TooBig;
-        }
         if n < VNET_HDR_LEN as u64 {
             bump(&c.rx_errors, 1);
-            return MergedRx::Failed;
+            return MergedRead::Failed;
         }
-        let mut lens = Vec::new();
-        let mut left = n;
-        for (_, chain) in chains {
-            if left == 0 {
+        MergedRead::Read(n)
+    }
+
+    /// Copies the first `bytes` of the overflow buffer into `extra`, in order; returns how
+    /// many bytes each took. The caller gathered room for all of them.
+    fn spill(&self, extra: &[(u16, Chain)], bytes: u64) -> Result<Vec<u32>, ChainError> {
+        let mut lens = Vec::with_capacity(extra.len());
+        let mut done = 0;
+        for (_, chain) in extra {
+            if done == bytes {
                 break;
             }
-            let take = left.min(chain.writable_len());
+            let take = (bytes - done).min(chain.writable_len());
+            let from = done as usize..(done + take) as usize;
+            chain.write_at(&self.memory, 0, &self.overflow[from])?;
             lens.push(take as u32);
-            left -= take;
+            done += take;
         }
-        let first = &chains[0].1;
-        let count = lens.len() as u16;
-        let mut written = first.write_at(&self.memory, NUM_BUFFERS_OFFSET, &count.to_le_bytes());
-        if !self.guest_csum && written.is_ok() {
-            written = first.write_at(&self.memory, 0, &[0]);
+        Ok(lens)
+    }
+
+    /// Completes the header of a merged packet of `n` bytes over `count` buffers.
+    fn finish_merged(&self, first: &Chain, count: u16, n: u64) -> Result<(), ChainError> {
+        first.write_at(&self.memory, NUM_BUFFERS_OFFSET, &count.to_le_bytes())?;
+        if !self.guest_csum {
+            first.write_at(&self.memory, 0, &[0])?;
         }
-        if written.is_err() {
-            bump(&c.rx_errors, 1);
-            return MergedRx::Failed;
-        }
-        bump(&c.rx_packets, 1);
-        bump(&c.rx_bytes, n - VNET_HDR_LEN as u64);
-        MergedRx::Packet(lens)
+        bump(&self.counters.rx_packets, 1);
+        bump(&self.counters.rx_bytes, n - VNET_HDR_LEN as u64);
+        Ok(())
     }
 }
 
-/// What a receive across several chains (MRG_RXBUF) did with them.
-enum MergedRx {
-    /// A packet is in the first chains, this many bytes in each; the rest are unused.
-    Packet(Vec<u32>),
-    /// Nothing to read (or no backend any more): all chains stay on the queue.
+/// What reading a packet into a first merged buffer did.
+enum MergedRead {
+    /// A packet of this many bytes: the first buffer's worth in it, the rest in overflow.
+    Read(u64),
+    /// Nothing to read (or no backend any more): the buffer stays on the queue.
     Nothing,
-    /// The packet was larger than the chains, and dropped: they are unused.
-    TooBig,
-    /// Reading failed: the first chain is returned empty (so a lasting error uses up
-    /// buffers rather than spinning), the rest are unused.
+    /// Reading failed or gave less than a header: the buffer is returned empty (so a
+    /// lasting error uses up buffers rather than spinning).
     Failed,
-    /// A chain cannot be used (too many buffers for one read): all are returned empty.
-    Unusable,
 }
 
 /// A tap whose interface was deleted answers EBADFD from then on.
@@ -1044,7 +1040,7 @@ impl Runner {
         let mem = &self.io.memory.clone();
         let mut used = false;
         let mut served = 0;
-        let mut chains: Vec<(u16, Chain)> = Vec::new();
+        let mut extra: Vec<(u16, Chain)> = Vec::new();
         self.rx
             .queue
             .disable_notification(mem)
@@ -1057,34 +1053,21 @@ impl Runner {
                 }
             }
             let q = &mut self.rx.queue;
-            // Buffers until the largest packet fits, or until the driver has no more.
-            chains.clear();
-            let mut room = 0;
-            while room < MERGED_ROOM {
-                let Some(Popped { head, chain }) = chain::pop(q, mem)? else {
-                    break;
-                };
-                match chain {
-                    Ok(c) if c.writable_len() >= VNET_HDR_LEN as u64 => {
-                        room += c.writable_len();
-                        chains.push((head, c));
+            // Every merged buffer must hold a header; one that does not is returned empty.
+            let first = loop {
+                match chain::pop(q, mem)? {
+                    None => break None,
+                    Some(Popped { head, chain: Ok(c) }) if c.writable_len() >= HDR => {
+                        break Some((head, c))
                     }
-                    // Every merged buffer must hold a header. Such a chain is returned empty,
-                    // but only first in line: the chains gathered are put back by count
-                    // (`unpop_n`), so none may be completed after them. Behind others, it
-                    // waits for the next packet.
-                    _ if chains.is_empty() => {
+                    Some(Popped { head, .. }) => {
                         bump(&self.io.counters.rx_errors, 1);
                         chain::complete(q, mem, head, 0)?;
                         used = true;
                     }
-                    _ => {
-                        chain::unpop(q);
-                        break;
-                    }
                 }
-            }
-            if chains.is_empty() {
+            };
+            let Some((head, first)) = first else {
                 if q.enable_notification(mem)
                     .map_err(|_| QueueBroken::UsedRing)?
                 {
@@ -1092,37 +1075,67 @@ impl Runner {
                 }
                 self.rx_paused = true;
                 break;
-            }
-            match self.io.recv_merged(&chains) {
-                MergedRx::Nothing => {
-                    chain::unpop_n(q, chains.len());
+            };
+            let n = match self.io.read_merged(&first) {
+                MergedRead::Nothing => {
+                    chain::unpop(q);
                     break;
                 }
-                MergedRx::TooBig => chain::unpop_n(q, chains.len()),
-                MergedRx::Packet(lens) => {
-                    chain::unpop_n(q, chains.len() - lens.len());
-                    let done: Vec<(u16, u32)> =
-                        chains.iter().map(|&(head, _)| head).zip(lens).collect();
-                    chain::complete_together(q, mem, &done)?;
-                    if let Some(l) = &mut self.rx_limiter {
-                        let bytes: u64 = done.iter().map(|&(_, len)| u64::from(len)).sum();
-                        l.charge(bytes.saturating_sub(VNET_HDR_LEN as u64));
+                MergedRead::Failed => {
+                    chain::complete(q, mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
+                MergedRead::Read(n) => n,
+            };
+            let in_first = n.min(first.writable_len());
+            let mut done = vec![(head, in_first as u32)];
+            let spilled = n - in_first;
+            if spilled > 0 {
+                // More buffers for the rest. They are put back by count if they do not
+                // suffice, so a malformed one here waits to be first in line.
+                extra.clear();
+                let mut room = 0;
+                while room < spilled {
+                    match chain::pop(q, mem)? {
+                        Some(Popped { head, chain: Ok(c) }) if c.writable_len() >= HDR => {
+                            room += c.writable_len();
+                            extra.push((head, c));
+                        }
+                        Some(_) => {
+                            chain::unpop(q);
+                            break;
+                        }
+                        None => break,
                     }
-                    used = true;
-                    served += 1;
                 }
-                MergedRx::Failed => {
-                    chain::unpop_n(q, chains.len() - 1);
-                    chain::complete(q, mem, chains[0].0, 0)?;
-                    used = true;
-                }
-                MergedRx::Unusable => {
-                    for &(head, _) in &chains {
-                        chain::complete(q, mem, head, 0)?;
-                    }
-                    used = true;
-                }
+                let lens = if room < spilled {
+                    tracing::debug!(
+                        "virtio-net: dropped a {n}-byte packet: the driver posted less"
+                    );
+                    bump(&self.io.counters.rx_dropped, 1);
+                    None
+                } else {
+                    self.io.spill(&extra, spilled).ok()
+                };
+                let Some(lens) = lens else {
+                    // The packet is lost; the buffers are not.
+                    chain::unpop_n(q, extra.len() + 1);
+                    continue;
+                };
+                done.extend(extra.iter().map(|&(head, _)| head).zip(lens));
             }
+            if self.io.finish_merged(&first, done.len() as u16, n).is_err() {
+                bump(&self.io.counters.rx_errors, 1);
+                chain::unpop_n(q, done.len());
+                continue;
+            }
+            chain::complete_together(q, mem, &done)?;
+            if let Some(l) = &mut self.rx_limiter {
+                l.charge(n.saturating_sub(HDR));
+            }
+            used = true;
+            served += 1;
         }
         self.signal(RX, used)
     }
@@ -1648,6 +1661,32 @@ mod tests {
         assert_eq!(read_guest(&h.mem, buf(3), want.len()), want);
         let s = h.wait_stats(|s| s.rx_packets == 2);
         assert_eq!((s.rx_dropped, s.rx_errors), (0, 0));
+        h.net.reset();
+    }
+
+    /// MRG_RXBUF: a GSO-sized packet over page-sized buffers, as Linux posts them.
+    #[test]
+    fn merged_receive_takes_a_64_kib_packet_over_pages() {
+        let mut h = Harness::start(FEATURES);
+        // Test memory is 1 MiB; the rings sit below 0x1_0000.
+        let buf = |i: u64| 0x2_0000 + i * 0x1000;
+        for i in 0..20 {
+            h.rx.offer(&h.mem, &[(buf(i), 4096, true)]);
+        }
+        h.rx_kick.write(1).unwrap();
+        let p = packet(3, 65_000);
+        h.peer.send(&p).unwrap();
+        let buffers = p.len().div_ceil(4096) as u16; // 16
+        h.rx.wait_used(&h.mem, buffers);
+        let mut got = Vec::new();
+        for i in 0..buffers {
+            let (head, len) = h.rx.used(&h.mem, i);
+            assert_eq!(head, u32::from(i));
+            got.extend(read_guest(&h.mem, buf(u64::from(i)), len as usize));
+        }
+        let mut want = p.clone();
+        want[10..12].copy_from_slice(&buffers.to_le_bytes());
+        assert!(got == want, "{} bytes back of {}", got.len(), want.len());
         h.net.reset();
     }
 
