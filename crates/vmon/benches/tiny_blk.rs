@@ -26,22 +26,12 @@ use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::tiny_virtio::{self, Vmm};
 use vmon_tinyguest::script::Script;
 use vmon_tinyguest::virtio::*;
 
-const VMON: &str = env!("CARGO_BIN_EXE_vmon");
-
 /// The disk image: big enough that sequential passes are not one buffer's worth.
 const DISK_BYTES: u64 = 512 << 20;
-/// Guest RAM; the data buffers sit at 16 MiB and above.
-const GUEST_MEMORY: &str = "256M";
-/// PCI slot of the disk: vmon's first `--disk`, and where QEMU puts the first device.
-const SLOT: u8 = 1;
-/// QEMU microvm with `pcie=on`: configuration space is ECAM only (no 0xCF8 ports), and
-/// nothing assigns BARs before the kernel does, so the driver places the disk's BAR 4 (the
-/// modern virtio registers, 16 KiB) at the bottom of the 32-bit MMIO window itself.
-const QEMU_ECAM: u64 = 0xE000_0000;
-const QEMU_BAR: u64 = 0xC000_0000;
 /// Polls of a status byte before the script gives up (a spin of some seconds): a request
 /// that failed never reads OK, and ends the run this way.
 const POLLS: u32 = u32::MAX;
@@ -54,75 +44,24 @@ const HEADERS: u64 = 0x41_0000;
 const STATUSES: u64 = 0x42_0000;
 const DATA: u64 = 0x100_0000;
 
-/// The VMMs measured, each booting the same driver script.
-#[derive(Clone, Copy, PartialEq)]
-enum Vmm {
-    Vmon,
-    /// QEMU microvm, virtio-blk-pci on its PCIe bus, served by an iothread (QEMU's
-    /// recommended set-up for disk performance), `cache=writeback,aio=threads` (its
-    /// defaults).
-    Qemu,
-}
-
-impl Vmm {
-    fn name(self) -> &'static str {
-        match self {
-            Vmm::Vmon => "vmon",
-            Vmm::Qemu => "qemu microvm",
-        }
-    }
-
-    /// Script ops that point the base register at the disk's virtio registers and turn on
-    /// memory decoding and bus mastering.
-    fn find_disk(self, s: &mut Script) {
-        match self {
-            Vmm::Vmon => {
-                s.base_from_bar0(0, SLOT, 0);
-                s.pci_write16(0, SLOT, 0, 0x04, 0x0006);
-            }
-            Vmm::Qemu => {
-                let cfg = QEMU_ECAM + (u64::from(SLOT) << 15);
-                s.write(4, cfg + 0x20, QEMU_BAR) // BAR 4, low half
-                    .write(4, cfg + 0x24, 0) // BAR 5: its high half
-                    .write(2, cfg + 0x04, 0x0006)
-                    .set_base(QEMU_BAR);
-            }
-        }
-    }
-
-    fn kernel(self, script: &Script) -> Vec<u8> {
-        match self {
-            Vmm::Vmon => vmon_tinyguest::script_elf(script),
-            Vmm::Qemu => vmon_tinyguest::script_pvh_elf(script),
-        }
-    }
-
-    fn command(self, kernel: &str, disk: &str) -> Command {
-        match self {
-            Vmm::Vmon => {
-                let mut c = Command::new(VMON);
-                c.args(["run", "--kernel", kernel, "--memory", GUEST_MEMORY])
-                    .args(["--disk", &format!("path={disk}")]);
-                c
-            }
-            Vmm::Qemu => {
-                let mut c = common::qemu_microvm(GUEST_MEMORY, "1");
-                c.args(["-machine", "pcie=on", "-kernel", kernel])
-                    .args(["-object", "iothread,id=io0"])
-                    .args([
-                        "-drive",
-                        &format!(
-                            "file={disk},if=none,id=d0,format=raw,cache=writeback,aio=threads"
-                        ),
-                    ])
-                    .args([
-                        "-device",
-                        "virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0",
-                    ]);
-                c
-            }
-        }
-    }
+/// The VMM with the disk attached: for QEMU, virtio-blk-pci behind an iothread (QEMU's
+/// recommended set-up for disk performance), `cache=writeback,aio=threads` (its defaults).
+fn command(vmm: Vmm, kernel: &str, disk: &str) -> Command {
+    let mut c = vmm.command(kernel);
+    match vmm {
+        Vmm::Vmon => c.args(["--disk", &format!("path={disk}")]),
+        Vmm::Qemu => c
+            .args(["-object", "iothread,id=io0"])
+            .args([
+                "-drive",
+                &format!("file={disk},if=none,id=d0,format=raw,cache=writeback,aio=threads"),
+            ])
+            .args([
+                "-device",
+                "virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0",
+            ]),
+    };
+    c
 }
 
 #[derive(Clone, Copy)]
@@ -228,24 +167,10 @@ impl Workload {
 /// submit the batches.
 fn guest_script(vmm: Vmm, w: &Workload) -> Script {
     let mut s = Script::new();
-    vmm.find_disk(&mut s);
-    s.write_rel(1, STATUS, 0)
-        .write_rel(1, STATUS, ACK)
-        .write_rel(1, STATUS, ACK | DRIVER);
-    for word in 0..2u64 {
-        s.write_rel(4, GF_SELECT, word).write_rel(
-            4,
-            GF,
-            (F_VERSION_1 >> (32 * word)) & 0xFFFF_FFFF,
-        );
-    }
-    s.write_rel(1, STATUS, ACK | DRIVER | FEATURES_OK);
-    s.write_rel(2, Q_SELECT, 0)
-        .write_rel(2, Q_SIZE, u64::from(QUEUE_MAX));
-    for (reg, addr) in [(Q_DESC, DESC), (Q_DRIVER, AVAIL), (Q_DEVICE, USED)] {
-        s.write_rel(4, reg, addr).write_rel(4, reg + 4, 0);
-    }
-    s.write_rel(2, Q_ENABLE, 1).write_rel(1, STATUS, LIVE);
+    vmm.find_device(&mut s);
+    tiny_virtio::negotiate(&mut s);
+    tiny_virtio::setup_queue(&mut s, 0, (DESC, AVAIL, USED));
+    s.write_rel(1, STATUS, LIVE);
 
     let kind = if w.write { T_OUT } else { T_IN };
     let data_flags = if w.write { 0 } else { W };
@@ -331,8 +256,7 @@ fn guest_script(vmm: Vmm, w: &Workload) -> Script {
 /// Runs the workload in a vmon guest; the time from `go` to `end`.
 /// Runs the workload in a guest of `vmm`; the time from `go` to `end`.
 fn run_guest(vmm: Vmm, w: &Workload, kernel: &str, disk: &str) -> Result<Duration, String> {
-    let mut child = vmm
-        .command(kernel, disk)
+    let mut child = command(vmm, kernel, disk)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -459,16 +383,7 @@ fn main() {
         .open(&disk)
         .unwrap();
 
-    let mut vmms = vec![Vmm::Vmon];
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        vmms.push(Vmm::Qemu);
-    } else {
-        println!("(no qemu-system-x86_64: vmon against the host file only)");
-    }
+    let vmms = Vmm::available();
     println!(
         "virtio-blk, tiny guest on /dev/kvm, {} MiB image in /dev/shm, {rounds} rounds, medians:",
         DISK_BYTES >> 20

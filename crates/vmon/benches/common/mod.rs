@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod tiny_virtio;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
