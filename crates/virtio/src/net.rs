@@ -633,32 +633,12 @@ impl PacketIo {
             }
         };
         let room = chain.writable_len();
-        let mut iov = match chain.writable_iovecs(&self.memory, 0, room) {
-            Ok(iov) if iov.len() < IOV_MAX => iov,
-            _ => {
-                bump(&c.rx_errors, 1);
-                return Received::Dropped;
-            }
+        let n = match self.read_packet(&chain) {
+            TapRead::Read(n) => n,
+            TapRead::Nothing => return Received::Nothing,
+            TapRead::Failed => return Received::Dropped,
         };
-        iov.push(libc::iovec {
-            iov_base: self.overflow.as_mut_ptr().cast(),
-            iov_len: self.overflow.len(),
-        });
-        // SAFETY: all but the last iovec come from `Chain::writable_iovecs`: vm-memory
-        // checked each against guest RAM, which stays mapped while this thread holds
-        // `memory`; the last is `overflow`, which we own and do not touch meanwhile.
-        let n = match unsafe { self.backend.recv(&iov) } {
-            Ok(n) => n as u64,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Nothing,
-            Err(e) => {
-                if gone_if_ebadfd(&mut self.gone, &e) {
-                    return Received::Nothing;
-                }
-                tracing::debug!("virtio-net: reading {}: {e}", self.backend.describe());
-                bump(&c.rx_errors, 1);
-                return Received::Dropped;
-            }
-        };
+        let c = &self.counters;
         if n > room {
             tracing::debug!("virtio-net: dropped a {n}-byte packet: the driver posted {room}");
             bump(&c.rx_dropped, 1);
@@ -685,48 +665,53 @@ impl PacketIo {
 }
 
 impl PacketIo {
-    /// Reads one packet for MRG_RXBUF into `first` (checked to hold at least a header),
-    /// and what does not fit into the overflow buffer, from where [`Self::spill`] copies it
-    /// into further buffers. Most packets (ACKs, anything up to a buffer's size) need only
-    /// the first; a GSO packet pays one extra copy of what spills. Taking every buffer a
-    /// 64 KiB packet might need before each read would instead take (and put back) dozens of
-    /// chains for every small packet.
-    fn read_merged(&mut self, first: &Chain) -> MergedRead {
+    /// Reads one packet into `chain`'s buffers and, past them, the overflow buffer: for
+    /// MRG_RXBUF, `chain` is the first buffer and [`Self::spill`] copies the overflow into
+    /// further ones. Most packets (ACKs, anything up to a buffer's size) need only the
+    /// first; a GSO packet pays one extra copy of what spills. Taking every buffer a 64 KiB
+    /// packet might need before each read would instead take (and put back) dozens of
+    /// chains for every small packet. Without MRG_RXBUF, bytes in the overflow buffer mean
+    /// the packet did not fit.
+    fn read_packet(&mut self, chain: &Chain) -> TapRead {
         let c = &self.counters;
         if self.gone {
-            return MergedRead::Nothing;
+            return TapRead::Nothing;
         }
-        let mut iov = match first.writable_iovecs(&self.memory, 0, first.writable_len()) {
+        let mut iov = match chain.writable_iovecs(&self.memory, 0, chain.writable_len()) {
             Ok(iov) if iov.len() < IOV_MAX => iov,
             _ => {
                 bump(&c.rx_errors, 1);
-                return MergedRead::Failed;
+                return TapRead::Failed;
             }
         };
         iov.push(libc::iovec {
             iov_base: self.overflow.as_mut_ptr().cast(),
             iov_len: self.overflow.len(),
         });
-        // SAFETY: as in `recv`: every iovec but the last comes from
-        // `Chain::writable_iovecs` (checked against guest RAM, which stays mapped while this
-        // thread holds `memory`); the last is `overflow`, ours alone.
-        let n = match unsafe { self.backend.recv(&iov) } {
-            Ok(n) => n as u64,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return MergedRead::Nothing,
+        // SAFETY: all but the last iovec come from `Chain::writable_iovecs`: vm-memory
+        // checked each against guest RAM, which stays mapped while this thread holds
+        // `memory`; the last is `overflow`, which we own and do not touch meanwhile.
+        match unsafe { self.backend.recv(&iov) } {
+            Ok(n) => TapRead::Read(n as u64),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => TapRead::Nothing,
+            Err(e) if gone_if_ebadfd(&mut self.gone, &e) => TapRead::Nothing,
             Err(e) => {
-                if gone_if_ebadfd(&mut self.gone, &e) {
-                    return MergedRead::Nothing;
-                }
                 tracing::debug!("virtio-net: reading {}: {e}", self.backend.describe());
                 bump(&c.rx_errors, 1);
-                return MergedRead::Failed;
+                TapRead::Failed
             }
-        };
-        if n < VNET_HDR_LEN as u64 {
-            bump(&c.rx_errors, 1);
-            return MergedRead::Failed;
         }
-        MergedRead::Read(n)
+    }
+
+    /// [`Self::read_packet`] for MRG_RXBUF: a packet shorter than a header fails.
+    fn read_merged(&mut self, first: &Chain) -> TapRead {
+        match self.read_packet(first) {
+            TapRead::Read(n) if n < VNET_HDR_LEN as u64 => {
+                bump(&self.counters.rx_errors, 1);
+                TapRead::Failed
+            }
+            other => other,
+        }
     }
 
     /// Copies the first `bytes` of the overflow buffer into `extra`, in order; returns how
@@ -759,14 +744,14 @@ impl PacketIo {
     }
 }
 
-/// What reading a packet into a first merged buffer did.
-enum MergedRead {
-    /// A packet of this many bytes: the first buffer's worth in it, the rest in overflow.
+/// What reading a packet from the backend did.
+enum TapRead {
+    /// A packet of this many bytes: the chain's worth in it, the rest in overflow.
     Read(u64),
-    /// Nothing to read (or no backend any more): the buffer stays on the queue.
+    /// Nothing to read (or no backend any more): the chain stays on the queue.
     Nothing,
-    /// Reading failed or gave less than a header: the buffer is returned empty (so a
-    /// lasting error uses up buffers rather than spinning).
+    /// Reading failed (or, merged, gave less than a header): the chain is returned empty,
+    /// so a lasting error uses up buffers rather than spinning.
     Failed,
 }
 
@@ -1077,16 +1062,16 @@ impl Runner {
                 break;
             };
             let n = match self.io.read_merged(&first) {
-                MergedRead::Nothing => {
+                TapRead::Nothing => {
                     chain::unpop(q);
                     break;
                 }
-                MergedRead::Failed => {
+                TapRead::Failed => {
                     chain::complete(q, mem, head, 0)?;
                     used = true;
                     continue;
                 }
-                MergedRead::Read(n) => n,
+                TapRead::Read(n) => n,
             };
             let in_first = n.min(first.writable_len());
             let mut done = vec![(head, in_first as u32)];

@@ -21,9 +21,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::tiny_virtio::{self, Vmm};
@@ -256,52 +255,11 @@ fn guest_script(vmm: Vmm, w: &Workload) -> Script {
 /// Runs the workload in a vmon guest; the time from `go` to `end`.
 /// Runs the workload in a guest of `vmm`; the time from `go` to `end`.
 fn run_guest(vmm: Vmm, w: &Workload, kernel: &str, disk: &str) -> Result<Duration, String> {
-    let mut child = command(vmm, kernel, disk)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", vmm.name()))?;
-    let batch = usize::from(w.batch);
     // After `end`: STATUS, the used index, both ends of every buffer of the last batch.
-    let expected = 2 + 2 * batch;
-    let mut go = None;
-    let mut elapsed = None;
-    let mut values = Vec::new();
-    let mut trouble = None;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let now = Instant::now();
-        let Ok(line) = line else { break };
-        match line.as_str() {
-            "go" => go = Some(now),
-            "end" => elapsed = go.map(|g| now - g),
-            v if v.len() == 16 && elapsed.is_some() => {
-                values.push(u64::from_str_radix(v, 16).unwrap_or(u64::MAX));
-                // QEMU has no exit port: the guest spins once it is done.
-                if values.len() == expected && vmm == Vmm::Qemu {
-                    let _ = child.kill();
-                }
-            }
-            v if v.len() == 16 => {} // vmon's BAR 0
-            other => {
-                trouble = Some(format!("guest said: {other}"));
-                let _ = child.kill();
-            }
-        }
-    }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    let mut stderr = String::new();
-    use std::io::Read;
-    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-    if let Some(trouble) = trouble {
-        return Err(format!("{trouble} ({})", stderr.trim()));
-    }
-    if vmm == Vmm::Vmon && !status.success() {
-        return Err(format!("vmon: {status}: {}", stderr.trim()));
-    }
-    let elapsed = elapsed.ok_or("no go/end lines")?;
-    if values.len() != expected || values[0] != LIVE {
-        return Err(format!("unexpected guest values {values:x?}"));
+    let expected = 2 + 2 * usize::from(w.batch);
+    let (elapsed, values) = tiny_virtio::run_script(vmm, command(vmm, kernel, disk), expected)?;
+    if values[0] != LIVE {
+        return Err(format!("device status {:#x} at the end", values[0]));
     }
     let requests = (w.requests_timed() + u64::from(w.batch)) & 0xFFFF;
     if values[1] != requests {

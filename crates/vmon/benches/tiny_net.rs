@@ -17,9 +17,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::tiny_virtio::{self, Vmm};
 use vmon_tinyguest::script::Script;
@@ -119,53 +118,16 @@ fn run(vmm: Vmm, kernel: &str, ns: &str, tap: &str) -> Result<(Duration, u64), S
             "virtio-net-pci,netdev=n0,disable-legacy=on",
         ]),
     };
-    let program = cmd.get_program().to_owned();
-    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-    let mut child = Command::new("ip")
+    // The same command, inside the namespace.
+    let mut in_ns = Command::new("ip");
+    in_ns
         .args(["netns", "exec", ns])
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", vmm.name()))?;
-    let (mut go, mut elapsed, mut status) = (None, None, None);
-    let mut trouble = None;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let now = Instant::now();
-        let Ok(line) = line else { break };
-        match line.as_str() {
-            "go" => go = Some(now),
-            "end" => elapsed = go.map(|g| now - g),
-            v if v.len() == 16 && elapsed.is_some() => {
-                status = u64::from_str_radix(v, 16).ok();
-                // QEMU has no exit port: the guest spins once it is done.
-                if vmm == Vmm::Qemu {
-                    let _ = child.kill();
-                }
-            }
-            v if v.len() == 16 => {} // vmon's BAR 0
-            other => {
-                trouble = Some(format!("guest said: {other}"));
-                let _ = child.kill();
-            }
-        }
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    let (elapsed, values) = tiny_virtio::run_script(vmm, in_ns, 1)?;
+    if values[0] != LIVE {
+        return Err(format!("device status {:#x} at the end", values[0]));
     }
-    let exit = child.wait().map_err(|e| e.to_string())?;
-    let mut stderr = String::new();
-    use std::io::Read;
-    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-    if let Some(t) = trouble {
-        return Err(format!("{t} ({})", stderr.trim()));
-    }
-    if vmm == Vmm::Vmon && !exit.success() {
-        return Err(format!("vmon: {exit}: {}", stderr.trim()));
-    }
-    if status != Some(LIVE) {
-        return Err(format!("device status {status:x?} at the end"));
-    }
-    let elapsed = elapsed.ok_or("no go/end lines")?;
     Ok((elapsed, tap_rx_packets(ns, tap) - before))
 }
 

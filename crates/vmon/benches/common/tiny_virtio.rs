@@ -2,7 +2,9 @@
 //! under vmon or under QEMU microvm, so a benchmark measures both VMMs' device paths with
 //! the same driver on this machine's /dev/kvm.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use vmon_tinyguest::script::Script;
 use vmon_tinyguest::virtio::*;
@@ -113,4 +115,57 @@ pub fn setup_queue(s: &mut Script, index: u16, (desc, avail, used): (u64, u64, u
         s.write_rel(4, reg, addr).write_rel(4, reg + 4, 0);
     }
     s.write_rel(2, Q_ENABLE, 1);
+}
+
+/// Runs `cmd`, a VMM booting a driver script that prints `go`, later `end`, then
+/// `expected` value lines. Returns the time from `go` to `end` as the host saw the lines
+/// arrive, and the values. QEMU has no exit port, so the guest spins once done and QEMU is
+/// stopped once the values are in; vmon must exit 0.
+pub fn run_script(
+    vmm: Vmm,
+    mut cmd: Command,
+    expected: usize,
+) -> Result<(Duration, Vec<u64>), String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", vmm.name()))?;
+    let (mut go, mut elapsed) = (None, None);
+    let mut values = Vec::new();
+    let mut trouble = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let now = Instant::now();
+        let Ok(line) = line else { break };
+        match line.as_str() {
+            "go" => go = Some(now),
+            "end" => elapsed = go.map(|g| now - g),
+            v if v.len() == 16 && elapsed.is_some() => {
+                values.push(u64::from_str_radix(v, 16).unwrap_or(u64::MAX));
+                if values.len() == expected && vmm == Vmm::Qemu {
+                    let _ = child.kill();
+                }
+            }
+            v if v.len() == 16 => {} // what the script read before `go` (vmon's BAR 0)
+            other => {
+                trouble = Some(format!("guest said: {other}"));
+                let _ = child.kill();
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    if let Some(trouble) = trouble {
+        return Err(format!("{trouble} ({})", stderr.trim()));
+    }
+    if vmm == Vmm::Vmon && !status.success() {
+        return Err(format!("vmon: {status}: {}", stderr.trim()));
+    }
+    let elapsed = elapsed.ok_or("no go/end lines")?;
+    if values.len() != expected {
+        return Err(format!("unexpected guest values {values:x?}"));
+    }
+    Ok((elapsed, values))
 }
