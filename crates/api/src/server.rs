@@ -959,10 +959,14 @@ impl EventLoop {
             for (s, _) in &self.rejected {
                 self.fds.push(sys::pollfd(s.as_raw_fd(), libc::POLLIN));
             }
-            // Then the answers awaited, each with the index of its connection.
+            // Then the answers awaited, each with the index of its connection. Not while
+            // the client is behind on reading: the answer could not be queued, and its
+            // socket, readable for good once answered, would spin the loop.
             self.awaited.clear();
+            let room = self.limits.max_queued_output;
             for (i, c) in self.conns.iter().enumerate() {
-                if let Some(fd) = c.session.awaiting_fd().filter(|_| !c.dead) {
+                let can_queue = !c.dead && c.session.pending_output().len() < room;
+                if let Some(fd) = c.session.awaiting_fd().filter(|_| can_queue) {
                     self.fds.push(sys::pollfd(fd, libc::POLLIN));
                     self.awaited.push(i);
                 }
