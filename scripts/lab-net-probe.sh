@@ -6,14 +6,23 @@
 # triple fault that twice ended a benchmark guest just as its network came up
 # (docs/benchmarks.md, sessions 4 and 9). For each run: how it ended, and for a run that
 # did not end well, the last console lines.
-# Needs VMON (default target/release/vmon), TOOL (the host's vmon-guest, default
-# target/guest-tools/release/vmon-guest) and an initramfs with vmon-guest
-# (/tmp/vmon-guest-initrd-*.img, which the Linux-tier tests leave behind).
+# Needs VMON (default target/release/vmon; lab.sh passes it with --env VMON), TOOL (the
+# host's vmon-guest, default target/guest-tools/release/vmon-guest) and an initramfs with
+# vmon-guest (/tmp/vmon-guest-initrd-*.img, which the Linux-tier tests leave behind).
+# VMM=qemu runs the same guest under QEMU q35 (the benchmark's peer) instead, to tell a
+# fault of the lab from one of vmon; VMM=both runs them in turns, so their tcp-send figures
+# compare within one lab session. GUEST_ARGS adds guest kernel arguments (for example
+# irqaffinity=0, to keep every device interrupt on vCPU 0). WORK=net leaves out the disk
+# phase. KVM_STATS=1 samples the lab kernel's KVM statistics of the running VM (debugfs)
+# and prints what the network phase cost: exits, interrupt injections and halts, in all
+# and per MiB sent, and the guest's own interrupt counts per source during the transfer.
+# They are counts, not times, so they compare across VMMs without the lab's timing noise.
 set -u
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 runs=${RUNS:-12}
 vmon=${VMON:-target/release/vmon}
 tool=${TOOL:-target/guest-tools/release/vmon-guest}
+# shellcheck disable=SC2012 # our own file names, newest first
 initrd=$(ls -t /tmp/vmon-guest-initrd-*.img | head -1)
 img=/dev/shm/net-probe.img
 ns=netprobe$$
@@ -23,27 +32,130 @@ ip -n "$ns" link set lo up
 ip -n "$ns" tuntap add tapv mode tap
 ip -n "$ns" addr add 10.0.9.1/24 dev tapv
 ip -n "$ns" link set tapv up
-cmd='vmon-guest seq-read /dev/vda 768; vmon-guest rand-read /dev/vda 4; vmon-guest seq-write /dev/vda 256; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && vmon-guest tcp-send 10.0.9.1:5201 512'
-bad=0
+net_mib=512
+cmd="echo net-start; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && vmon-guest tcp-send 10.0.9.1:5201 $net_mib"
+if [ "${KVM_STATS:-0}" = 1 ]; then
+	# The guest's own interrupt counts around the transfer, to name what the exits were.
+	cmd="echo net-start; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && sed 's/^/irq-before /' /proc/interrupts && vmon-guest tcp-send 10.0.9.1:5201 $net_mib && sed 's/^/irq-after /' /proc/interrupts"
+fi
+if [ "${WORK:-all}" != net ]; then
+	cmd="vmon-guest seq-read /dev/vda 768; vmon-guest rand-read /dev/vda 4; vmon-guest seq-write /dev/vda 256; $cmd"
+fi
+kvm_stats="exits irq_injections halt_exits mmio_exits io_exits irq_exits irq_window_exits signal_exits"
+if [ "${KVM_STATS:-0}" = 1 ] && ! [ -d /sys/kernel/debug/kvm ]; then
+	mount -t debugfs none /sys/kernel/debug || exit 2
+fi
+# Writes the running VM's KVM statistics to $1 every 0.2 s, and to $1.start the first time
+# the guest's console ($2) says the network phase starts.
+sample_kvm() {
+	local vm now
+	while sleep 0.2; do
+		for vm in /sys/kernel/debug/kvm/*-*/; do
+			[ -r "$vm/exits" ] || continue
+			now=""
+			for f in $kvm_stats; do now+="$(cat "$vm/$f" 2>/dev/null || echo 0) "; done
+			echo "$now" >"$1"
+			if ! [ -f "$1.start" ] && grep -q '^net-start' "$2"; then
+				echo "$now" >"$1.start"
+			fi
+		done
+	done
+}
+vmm=${VMM:-vmon}
+guest_args=${GUEST_ARGS:-}
+cmd64=$(printf %s "$cmd" | base64 -w0)
+append="console=ttyS0 reboot=k,panic_warm panic=-1 i8042.noaux loglevel=7 $guest_args vmon.cmd=$cmd64 vmon.tty=0"
+# The command line that runs the guest under VMM $1.
+launch() {
+	case $1 in
+	vmon)
+		launch=("$vmon" run --kernel "$VMON_KIT/vmlinux" --initrd "$initrd" --cpus 2
+			--memory 1G --disk path="$img" --net tap=tapv --cmdline "$append")
+		;;
+	qemu)
+		# shellcheck disable=SC2054 # QEMU's option values are comma lists
+		launch=(qemu-system-x86_64 -M q35 -enable-kvm -cpu host,-arch-capabilities -smp 2
+			-m 1G -nodefaults -no-user-config -display none -monitor none -serial stdio
+			-kernel "$VMON_KIT/vmlinux" -initrd "$initrd" -append "$append"
+			-device virtio-blk-pci,drive=d0
+			-drive if=none,id=d0,file="$img",format=raw,cache=writeback,aio=threads
+			-netdev tap,id=n0,ifname=tapv,script=no,downscript=no
+			-device virtio-net-pci,netdev=n0
+			-serial file:/dev/shm/net-probe.ttyS1 -no-reboot
+			# Says why QEMU ends: reason 6 is the guest powering off, 7 a reset (a
+			# triple fault, silent otherwise, or a reboot).
+			-trace qemu_system_shutdown_request)
+		;;
+	esac
+}
+case $vmm in
+vmon | qemu) vmms=("$vmm") ;;
+both) vmms=(vmon qemu) ;;
+*)
+	echo "lab-net-probe: VMM must be vmon, qemu or both, not '$vmm'" >&2
+	exit 2
+	;;
+esac
+echo "== ${vmms[*]} (vmon: $vmon), guest arguments: ${guest_args:-none}"
+declare -A bad tcp
 for run in $(seq 1 "$runs"); do
-	out=/dev/shm/net-probe.$run
-	ip netns exec "$ns" "$tool" tcp-recv 5201 >/dev/null 2>&1 &
-	recv=$!
-	start=$(date +%s)
-	timeout 300 ip netns exec "$ns" "$vmon" run --kernel "$VMON_KIT/vmlinux" --initrd "$initrd" \
-		--cpus 2 --memory 1G --disk path="$img" --net tap=tapv \
-		--cmdline "console=ttyS0 reboot=k,panic_warm panic=-1 i8042.noaux loglevel=7" \
-		-- sh -c "$cmd" >"$out" 2>&1
-	status=$?
-	kill "$recv" 2>/dev/null
-	wait "$recv" 2>/dev/null
-	echo "== run $run: exit $status in $(($(date +%s) - start)) s: $(grep -E 'seq-read|tcp-send' "$out" | tr '\n' ' ')"
-	if [ "$status" != 0 ] || grep -q "triple fault" "$out"; then
-		bad=$((bad + 1))
-		echo "--- last 40 lines of run $run ---"
-		tail -40 "$out"
-	fi
+	# With both, they take turns, so that a slow stretch of the lab hits both alike.
+	for v in "${vmms[@]}"; do
+		launch "$v"
+		out=/dev/shm/net-probe.$v.$run
+		ip netns exec "$ns" "$tool" tcp-recv 5201 >/dev/null 2>&1 &
+		recv=$!
+		start=$(date +%s)
+		sampler=""
+		if [ "${KVM_STATS:-0}" = 1 ]; then
+			rm -f "$out.kvm" "$out.kvm.start"
+			sample_kvm "$out.kvm" "$out" &
+			sampler=$!
+		fi
+		timeout 300 ip netns exec "$ns" "${launch[@]}" </dev/null >"$out" 2>&1
+		status=$?
+		if [ -f /dev/shm/net-probe.ttyS1 ]; then
+			sed 's/^/ttyS1: /' /dev/shm/net-probe.ttyS1 >>"$out"
+			rm -f /dev/shm/net-probe.ttyS1
+		fi
+		kill "$recv" $sampler 2>/dev/null
+		wait "$recv" $sampler 2>/dev/null
+		if [ -n "$sampler" ] && [ -f "$out.kvm.start" ] && [ -f "$out.kvm" ]; then
+			read -ra before <"$out.kvm.start"
+			read -ra after <"$out.kvm"
+			i=0
+			line=""
+			for f in $kvm_stats; do
+				d=$((after[i] - before[i]))
+				line+="$f $d ($((d / net_mib))/MiB) "
+				i=$((i + 1))
+			done
+			echo "== $v run $run, KVM during the network phase: $line"
+			# Per interrupt source, summed over the guest's CPUs: counts after minus before
+			# (the first line of /proc/interrupts names the CPUs).
+			echo "== $v run $run, guest interrupts during the transfer: $(awk '
+				$1 == "irq-before" || $1 == "irq-after" {
+					if ($2 ~ /^CPU/) next
+					n = 0; for (i = 3; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i
+					name = $2; for (j = i; j <= NF; j++) name = name "_" $j
+					if ($1 == "irq-before") b[name] = n; else a[name] = n
+				}
+				END { for (k in a) if (a[k] - b[k] > 0) printf "%s %d; ", k, a[k] - b[k] }' "$out")"
+		fi
+		echo "== $v run $run: exit $status in $(($(date +%s) - start)) s: $(grep -hoE '^(seq-read|tcp-send) .*|qemu_system_shutdown_request reason=[0-9]+' "$out" | tr '\n' ' ')"
+		tcp[$v]+="$(sed -n 's/^tcp-send \([0-9.]*\) MB.*/\1/p' "$out") "
+		# QEMU exits 0 after a triple fault (-no-reboot): a run ended well only when the
+		# guest finished its last step.
+		if [ "$status" != 0 ] || grep -q "triple fault" "$out" || ! grep -q "^tcp-send" "$out"; then
+			bad[$v]=$((${bad[$v]:-0} + 1))
+			echo "--- last 40 lines of $v run $run ---"
+			tail -40 "$out"
+		fi
+	done
 done
-echo "== $bad of $runs runs did not end well"
+for v in "${vmms[@]}"; do
+	median=$(tr ' ' '\n' <<<"${tcp[$v]}" | grep . | sort -n | awk '{a[NR]=$1} END {if (NR) print (NR % 2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
+	echo "== $v: ${bad[$v]:-0} of $runs runs did not end well; tcp-send MB/s: ${tcp[$v]}(median ${median:-none})"
+done
 ip netns del "$ns"
 rm -f "$img" /dev/shm/net-probe.*
