@@ -171,7 +171,8 @@ impl Backend for PacketSource {
     }
 }
 
-struct NoMsi;
+/// MSI vectors that go nowhere: devices signal, nobody listens (fuzzing and unit tests).
+pub(crate) struct NoMsi;
 
 impl MsiVectors for NoMsi {
     fn route(&self, _: u16, _: MsiMessage) -> io::Result<()> {

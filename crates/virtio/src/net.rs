@@ -1211,13 +1211,14 @@ pub(crate) fn serve_once(
 mod tests {
     use super::*;
     use crate::chain::tests::{desc, memory, F_NEXT, F_WRITE};
+    use crate::fuzzing::NoMsi;
     use std::os::unix::net::UnixDatagram;
     use std::sync::atomic::AtomicU32;
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-    use vmon_devices::pci::msix::{MsiMessage, MsiVectors, Msix};
+    use vmon_devices::pci::msix::Msix;
 
     #[test]
     fn config_space_is_the_mac_then_the_link_status() {
@@ -1373,16 +1374,6 @@ mod tests {
 
         fn describe(&self) -> String {
             "socket pair".into()
-        }
-    }
-
-    struct NoMsi;
-    impl MsiVectors for NoMsi {
-        fn route(&self, _: u16, _: MsiMessage) -> io::Result<()> {
-            Ok(())
-        }
-        fn trigger(&self, _: u16) -> io::Result<()> {
-            Ok(())
         }
     }
 
