@@ -118,10 +118,6 @@ struct PacketSource {
     fd: RawFd,
 }
 
-// SAFETY: a fuzz input's backend lives and dies on the fuzzing thread; `Send` is only
-// the `Backend` bound.
-unsafe impl Send for PacketSource {}
-
 impl AsRawFd for PacketSource {
     fn as_raw_fd(&self) -> RawFd {
         self.fd
