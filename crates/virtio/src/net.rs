@@ -1523,6 +1523,15 @@ mod tests {
             }
         }
 
+        /// Posts `count` receive chains of one `len`-byte buffer each, at [`rx_buffer`]
+        /// `0..count`, and notifies the receive queue.
+        fn post_rx_buffers(&mut self, count: u64, len: u32) {
+            for i in 0..count {
+                self.rx.offer(&self.mem, &[(rx_buffer(i), len, true)]);
+            }
+            self.rx_kick.write(1).unwrap();
+        }
+
         fn stats(&self) -> NetStats {
             self.net.counters().snapshot()
         }
@@ -1542,6 +1551,12 @@ mod tests {
     }
 
     /// A header (with `num_buffers` garbage, as the tap leaves it) and a frame.
+    /// Where [`Harness::post_rx_buffers`] puts receive buffer `i`: a page each, above the
+    /// rings (test memory is 1 MiB; the rings sit below 0x1_0000).
+    fn rx_buffer(i: u64) -> u64 {
+        0x2_0000 + i * 0x1000
+    }
+
     fn packet(seq: u32, frame_len: usize) -> Vec<u8> {
         let mut p = vec![0u8; VNET_HDR_LEN];
         p[0] = 2; // DATA_VALID
@@ -1669,12 +1684,7 @@ mod tests {
     #[test]
     fn merged_receive_spreads_a_packet_over_buffers() {
         let mut h = Harness::start(FEATURES);
-        // Ten 512-byte buffers, one per chain.
-        let buf = |i: u64| 0x2_0000 + i * 0x1000;
-        for i in 0..10 {
-            h.rx.offer(&h.mem, &[(buf(i), 512, true)]);
-        }
-        h.rx_kick.write(1).unwrap();
+        h.post_rx_buffers(10, 512);
         let big = packet(7, 1300 - VNET_HDR_LEN); // 1300 bytes: three buffers
         let small = packet(8, 100); // one buffer
         h.peer.send(&big).unwrap();
@@ -1686,14 +1696,14 @@ mod tests {
         assert_eq!(h.rx.used(&h.mem, 3), (3, (VNET_HDR_LEN + 100) as u32));
         let mut got = Vec::new();
         for (i, len) in [(0, 512), (1, 512), (2, 276)] {
-            got.extend(read_guest(&h.mem, buf(i), len));
+            got.extend(read_guest(&h.mem, rx_buffer(i), len));
         }
         let mut want = big.clone();
         want[10..12].copy_from_slice(&3u16.to_le_bytes());
         assert_eq!(got, want, "the packet across three buffers, num_buffers 3");
         let mut want = small.clone();
         want[10..12].copy_from_slice(&1u16.to_le_bytes());
-        assert_eq!(read_guest(&h.mem, buf(3), want.len()), want);
+        assert_eq!(read_guest(&h.mem, rx_buffer(3), want.len()), want);
         let s = h.wait_stats(|s| s.rx_packets == 2);
         assert_eq!((s.rx_dropped, s.rx_errors), (0, 0));
         h.net.reset();
@@ -1703,12 +1713,7 @@ mod tests {
     #[test]
     fn merged_receive_takes_a_64_kib_packet_over_pages() {
         let mut h = Harness::start(FEATURES);
-        // Test memory is 1 MiB; the rings sit below 0x1_0000.
-        let buf = |i: u64| 0x2_0000 + i * 0x1000;
-        for i in 0..20 {
-            h.rx.offer(&h.mem, &[(buf(i), 4096, true)]);
-        }
-        h.rx_kick.write(1).unwrap();
+        h.post_rx_buffers(20, 4096);
         let p = packet(3, 65_000);
         h.peer.send(&p).unwrap();
         let buffers = p.len().div_ceil(4096) as u16; // 16
@@ -1717,7 +1722,7 @@ mod tests {
         for i in 0..buffers {
             let (head, len) = h.rx.used(&h.mem, i);
             assert_eq!(head, u32::from(i));
-            got.extend(read_guest(&h.mem, buf(u64::from(i)), len as usize));
+            got.extend(read_guest(&h.mem, rx_buffer(u64::from(i)), len as usize));
         }
         let mut want = p.clone();
         want[10..12].copy_from_slice(&buffers.to_le_bytes());
