@@ -80,6 +80,7 @@ fn main() {
         serial: None,
         direct: false,
         limits: Limits::default(),
+        poll: std::time::Duration::ZERO,
     })
     .expect("open the image");
     let file = std::fs::File::open(&path).unwrap();

@@ -20,6 +20,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
@@ -28,7 +29,7 @@ use vmon_memory::GuestMemory;
 use crate::chain::{self, Chain, Popped};
 use crate::metrics::{CounterSet, DeviceMetrics};
 use crate::rate_limiter::{Limits, RateLimiter};
-use crate::worker::{Parked, Wake, Worker};
+use crate::worker::{AdaptivePoll, Parked, Wake, Worker};
 use crate::{
     device_id, ActivateError, Activation, DeviceState, DeviceStateError, PauseError, VirtioDevice,
     COMMON_FEATURES,
@@ -77,7 +78,14 @@ pub struct DiskOptions {
     pub direct: bool,
     /// Bytes and requests per second the guest may use.
     pub limits: Limits,
+    /// Longest the device thread spins for the driver's next request before it sleeps
+    /// (the window adapts below this; see [`AdaptivePoll`]). Zero never spins.
+    pub poll: Duration,
 }
+
+/// The default for [`DiskOptions::poll`]: QEMU's for its iothreads (32 µs), which covers
+/// the gap between a guest's back-to-back requests without holding a CPU through pauses.
+pub const DEFAULT_POLL: Duration = Duration::from_micros(32);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -128,6 +136,7 @@ pub struct Disk {
     file: File,
     counters: Arc<CounterSet>,
     limits: Limits,
+    poll: Duration,
     sectors: u64,
     readonly: bool,
     direct: bool,
@@ -190,6 +199,7 @@ impl Disk {
             file,
             counters: CounterSet::new(&BLOCK_COUNTERS),
             limits: opts.limits,
+            poll: opts.poll,
             sectors: bytes / SECTOR_SIZE,
             readonly: opts.readonly,
             direct: opts.direct,
@@ -309,6 +319,7 @@ impl VirtioDevice for Block {
             }
         };
         let mut q = a.queues.remove(0);
+        let poll_max = disk.poll;
         let worker = Worker::spawn(format!("virtio-blk {}", self.name), move |mut events| {
             let notify = q.notify.as_raw_fd();
             let watched = events
@@ -321,6 +332,7 @@ impl VirtioDevice for Block {
                 a.interrupt.fail_device(&format!("watching the queue: {e}"));
             } else {
                 let mut tokens = vec![QUEUE_TOKEN];
+                let mut poll = AdaptivePoll::new(poll_max);
                 loop {
                     if tokens.contains(&LIMITER_TOKEN) {
                         if let Some(l) = &mut limiter {
@@ -337,16 +349,32 @@ impl VirtioDevice for Block {
                         }
                         Some(handle(&mut disk, &a.memory, p))
                     });
-                    match served {
-                        Ok(s) if s.notify => a.interrupt.signal_queue(0),
-                        Ok(_) => {}
+                    let stalled = match served {
+                        Ok(s) => {
+                            if s.notify {
+                                a.interrupt.signal_queue(0);
+                            }
+                            s.stalled
+                        }
                         Err(e) => {
                             // NEEDS_RESET: serve nothing more until the driver resets us.
                             a.interrupt.fail_device(&e.to_string());
                             break;
                         }
-                    }
-                    match events.wait() {
+                    };
+                    // A throttled queue waits for its timer, not for the driver.
+                    let idle_since = Instant::now();
+                    let more = !stalled
+                        && !poll.window().is_zero()
+                        && chain::spin_for_more(&mut q.queue, &a.memory, |ready| poll.spin(ready));
+                    let wake = if more {
+                        events.ready_now()
+                    } else {
+                        let wake = events.wait();
+                        poll.slept(idle_since.elapsed());
+                        wake
+                    };
+                    match wake {
                         // Stopping here, between passes, leaves nothing in flight.
                         Wake::Stop => {
                             return Parked {
@@ -852,6 +880,7 @@ mod tests {
             serial: None,
             direct: false,
             limits: Limits::default(),
+            poll: std::time::Duration::ZERO,
         })
         .unwrap();
         TestDisk { disk, path }

@@ -70,6 +70,7 @@ fn disk() -> &'static Mutex<Disk> {
             serial: Some("fuzz".into()),
             direct: false,
             limits: Limits::default(),
+            poll: std::time::Duration::ZERO,
         })
         .expect("opening the fuzz disk");
         // The open descriptor keeps the file; the name can go.

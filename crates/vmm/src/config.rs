@@ -96,17 +96,25 @@ fn take_rate(slot: Option<&mut Option<u64>>, key: &str, value: &str) -> Result<b
     Ok(true)
 }
 
-/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on]` plus [`LIMIT_KEYS`] into the
+/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on][,poll_us=N]` plus [`LIMIT_KEYS`] into the
 /// spec a configuration file's `disks` entry gives; a bare `FILE` is allowed. Checks the
 /// same rules as the file, except the file system's.
 pub fn parse_disk_spec(text: &str) -> Result<DiskSpec, String> {
     let mut disk = DiskSpec::default();
-    let known = format!("path=FILE, readonly=on|off, serial=ID, direct=on|off, {LIMIT_KEYS}");
+    let known =
+        format!("path=FILE, readonly=on|off, serial=ID, direct=on|off, poll_us=N, {LIMIT_KEYS}");
     for_each_option(text, Some("path"), "disk", &known, |key, value| {
         match key {
             "path" => disk.path = PathBuf::from(value),
             "readonly" => disk.readonly = on_off(key, value)?,
             "direct" => disk.direct = on_off(key, value)?,
+            "poll_us" => {
+                disk.poll_us = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("poll_us={value}: not a number of microseconds"))?,
+                )
+            }
             "serial" => disk.serial = Some(value.to_string()),
             _ => return take_rate(disk.rate_mut(key), key, value),
         }
@@ -273,6 +281,23 @@ mod tests {
             .contains("needs bps"));
         assert!(parse_disk("path=a,iops=0").is_err());
         assert!(parse_disk("path=a,bps=lots").is_err());
+        // The device's spin before sleeping: 32 µs unless told, 0 to never spin.
+        use std::time::Duration;
+        assert_eq!(
+            parse_disk("path=a").unwrap().poll,
+            Duration::from_micros(32)
+        );
+        assert_eq!(parse_disk("path=a,poll_us=0").unwrap().poll, Duration::ZERO);
+        assert_eq!(
+            parse_disk("path=a,poll_us=1000").unwrap().poll,
+            Duration::from_millis(1)
+        );
+        assert!(parse_disk("path=a,poll_us=1001")
+            .unwrap_err()
+            .contains("more than 1000"));
+        assert!(parse_disk("path=a,poll_us=-1")
+            .unwrap_err()
+            .contains("not a number"));
     }
 
     #[test]

@@ -40,6 +40,11 @@ pub const MAX_METRICS_INTERVAL_S: u64 = 86_400;
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// The kernel's limit on a virtio-blk serial.
 pub const MAX_SERIAL_LEN: usize = 20;
+/// The disk's spin before sleeping when the configuration names none, in microseconds.
+pub const DEFAULT_DISK_POLL_US: u64 = 32;
+/// The longest spin a disk may ask for: a millisecond already holds a CPU through a
+/// guest's pauses; longer windows only burn it.
+pub const MAX_DISK_POLL_US: u64 = 1000;
 /// A configuration is a few hundred bytes; anything this large is the wrong file, and
 /// reading it whole (say, /dev/zero) must not exhaust memory.
 const MAX_FILE_LEN: u64 = 1 << 20;
@@ -115,6 +120,10 @@ pub struct DiskSpec {
     /// O_DIRECT: bypass the host page cache.
     #[serde(default, skip_serializing_if = "is_false")]
     pub direct: bool,
+    /// Longest the device spins for the guest's next request before sleeping, in
+    /// microseconds (adaptive below it; 0 never spins). Default [`DEFAULT_DISK_POLL_US`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_us: Option<u64>,
     /// Bytes per second; a number or `"10M"`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "rate")]
     pub bps: Option<u64>,
@@ -675,12 +684,20 @@ impl DiskSpec {
                 ));
             }
         }
+        let poll_us = self.poll_us.unwrap_or(DEFAULT_DISK_POLL_US);
+        if poll_us > MAX_DISK_POLL_US {
+            return Err(SpecError::invalid(
+                "poll_us",
+                format!("{poll_us} is more than {MAX_DISK_POLL_US}"),
+            ));
+        }
         Ok(DiskOptions {
             path: self.path.clone(),
             readonly: self.readonly,
             serial: self.serial.clone(),
             direct: self.direct,
             limits: self.limits()?,
+            poll: std::time::Duration::from_micros(poll_us),
         })
     }
 }

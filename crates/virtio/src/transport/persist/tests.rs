@@ -482,6 +482,7 @@ impl TestDisk {
             serial: Some("snap".into()),
             direct: false,
             limits: Limits::default(),
+            poll: std::time::Duration::ZERO,
         }
     }
 
