@@ -6,7 +6,8 @@
 //! the same binary on the image file.
 //! Needs hardware virtualisation: on PVM hosts run it inside the lab (scripts/bench-io.sh).
 //!
-//! Run: `VMON_KIT=$(vmon kit) cargo bench -p vmon --bench linux_io [-- ROUNDS]`.
+//! Run: `VMON_KIT=$(vmon kit) cargo bench -p vmon --bench linux_io [-- ROUNDS]`. `VMON_BIN`
+//! measures another vmon binary, `VMON_DISK_OPTIONS` adds to its `--disk` (`,poll_us=0`).
 
 mod common;
 #[allow(dead_code)]
@@ -17,6 +18,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// The build's own vmon, which the shared guest-tools helper runs (`vmon kit`); the VMs run
+/// `common::vmon_bin()`.
 pub const VMON: &str = env!("CARGO_BIN_EXE_vmon");
 const IMAGE_MIB: usize = 1024;
 const READ_MIB: usize = 768;
@@ -38,6 +41,12 @@ fn base64(text: &str) -> String {
         })
         .expect("base64");
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// More `--disk` options for vmon from `VMON_DISK_OPTIONS` (say `,poll_us=0`), to compare
+/// settings within one lab session.
+fn disk_options() -> String {
+    std::env::var("VMON_DISK_OPTIONS").unwrap_or_default()
 }
 
 /// `NAME VALUE UNIT` lines from vmon-guest.
@@ -223,14 +232,14 @@ fn main() {
         for (name, into) in results.iter_mut() {
             let append = cmdline(net, if *name == "vmon" { 9 } else { 10 });
             let mut cmd = if *name == "vmon" {
-                let mut c = in_ns(VMON);
+                let mut c = in_ns(&common::vmon_bin());
                 c.args(["run", "--kernel"])
                     .arg(&kernel)
                     .arg("--initrd")
                     .arg(&initrd)
                     .args(["--cpus", "2", "--memory", "1G", "--cmdline", &append])
                     .arg("--disk")
-                    .arg(format!("path={image_s}"));
+                    .arg(format!("path={image_s}{}", disk_options()));
                 if net {
                     c.args(["--net", "tap=tapv"]);
                 }
