@@ -83,10 +83,6 @@ pub struct DiskOptions {
     pub poll: Duration,
 }
 
-/// The default for [`DiskOptions::poll`]: QEMU's for its iothreads (32 µs), which covers
-/// the gap between a guest's back-to-back requests without holding a CPU through pauses.
-pub const DEFAULT_POLL: Duration = Duration::from_micros(32);
-
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("cannot open disk '{path}': {source}")]

@@ -40,8 +40,13 @@ pub const MAX_METRICS_INTERVAL_S: u64 = 86_400;
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// The kernel's limit on a virtio-blk serial.
 pub const MAX_SERIAL_LEN: usize = 20;
-/// The disk's spin before sleeping when the configuration names none, in microseconds.
-pub const DEFAULT_DISK_POLL_US: u64 = 32;
+/// The disk's spin before sleeping when the configuration names none, in microseconds:
+/// none. Spinning trades a CPU for latency, a good trade only where the device thread has a
+/// CPU to itself: at queue depth 1 on our 2-CPU machine 32 µs lifted a tiny guest from 21k
+/// to 35k IOPS, but in the lab, whose 2 CPUs also run the guest's 2 vCPUs, it cost 13% of
+/// random-read IOPS (docs/benchmarks.md). QEMU likewise polls only in an iothread (32 µs),
+/// Firecracker and Cloud Hypervisor not at all.
+pub const DEFAULT_DISK_POLL_US: u64 = 0;
 /// The longest spin a disk may ask for: a millisecond already holds a CPU through a
 /// guest's pauses; longer windows only burn it.
 pub const MAX_DISK_POLL_US: u64 = 1000;

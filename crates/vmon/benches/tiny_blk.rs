@@ -16,8 +16,8 @@
 //!
 //! Run: `cargo bench -p vmon --bench tiny_blk [-- ROUNDS] [NAME...]` (ROUNDS: repetitions
 //! of every workload, default 5; medians printed; NAMEs pick workloads whose name contains
-//! one of them). Results are in docs/benchmarks.md. Not a test:
-//! nothing asserts a figure.
+//! one of them). `VMON_DISK_OPTIONS=,poll_us=32` adds to vmon's `--disk`. Results are in
+//! docs/benchmarks.md. Not a test: nothing asserts a figure.
 
 mod common;
 
@@ -48,7 +48,7 @@ const DATA: u64 = 0x100_0000;
 fn command(vmm: Vmm, kernel: &str, disk: &str) -> Command {
     let mut c = vmm.command(kernel);
     match vmm {
-        Vmm::Vmon => c.args(["--disk", &format!("path={disk}")]),
+        Vmm::Vmon => c.args(["--disk", &format!("path={disk}{}", vmon_disk_options())]),
         Vmm::Qemu => c
             .args(["-object", "iothread,id=io0"])
             .args([
@@ -61,6 +61,12 @@ fn command(vmm: Vmm, kernel: &str, disk: &str) -> Command {
             ]),
     };
     c
+}
+
+/// More `--disk` options for vmon from `VMON_DISK_OPTIONS`: `,poll_us=32` gives vmon the
+/// polling QEMU's iothread does by default.
+fn vmon_disk_options() -> String {
+    std::env::var("VMON_DISK_OPTIONS").unwrap_or_default()
 }
 
 #[derive(Clone, Copy)]

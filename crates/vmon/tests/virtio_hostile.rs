@@ -434,8 +434,10 @@ fn run(name: &str, d: &Driver, rw: &[u8], ro: &[u8]) -> Run {
             kernel.to_str().unwrap(),
             "--memory",
             "64M",
+            // The writable disk spins between requests (`poll_us`), so every hostile case
+            // also meets a device that looks at the ring without a notify.
             "--disk",
-            &format!("path={}", rw_path.display()),
+            &format!("path={},poll_us=50", rw_path.display()),
             "--disk",
             &format!("path={},readonly=on", ro_path.display()),
             "--rng",
