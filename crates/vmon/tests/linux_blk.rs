@@ -65,8 +65,10 @@ fn what_the_guest_syncs_is_in_the_file_when_vmon_exits() {
     let src = scratch.file("src.img", &data);
     // The guest copies a read-only second disk into the first at 4 MiB, through its page
     // cache, and syncs (a FLUSH); the init then ends the VM at once via the exit port.
-    let dst_disk = disk_arg(&img, "");
-    let src_disk = disk_arg(&src, ",readonly=on");
+    // Both devices poll between requests (`poll_us`), with Linux's EVENT_IDX driver
+    // skipping its notifies meanwhile: a notify lost there would hang this copy.
+    let dst_disk = disk_arg(&img, ",poll_us=50");
+    let src_disk = disk_arg(&src, ",readonly=on,poll_us=50");
     let out = guest(&[
         "run",
         "--disk",
