@@ -2,17 +2,18 @@
 //!
 //! Requests are served synchronously on the device's thread, straight between the file
 //! and guest memory with `pread`/`pwrite` (`preadv`/`pwritev` when a request spans several
-//! buffers), no copy in between. FLUSH is `fdatasync`, so what the guest flushed survives a host crash. DISCARD
-//! and unmapping WRITE_ZEROES punch holes in the file. A read-only disk is opened
-//! read-only: writes fail with an I/O error to the guest and the file cannot change.
-//! Images are locked (shared for read-only, exclusive otherwise) so two VMs cannot write
-//! the same file by mistake.
+//! buffers), no copy in between. FLUSH is `fdatasync`, so what the guest flushed survives
+//! a host crash. DISCARD and unmapping WRITE_ZEROES punch holes in the file. A read-only
+//! disk is opened read-only: writes fail with an I/O error to the guest and the file
+//! cannot change. Images are locked (shared for read-only, exclusive otherwise) so two VMs
+//! cannot write the same file by mistake.
 //!
-//! Snapshots: requests are served one at a time on the device thread, each completed in
-//! the used ring before the next is taken, and the thread looks at a stop request only
-//! between passes over the queue. So a paused device has nothing in flight. The disk
-//! itself is wiring: the restorer opens it again, and [`BlockState`] only checks that it
-//! still shows the guest the same capacity, read-only flag and serial.
+//! Snapshots: requests are served one at a time on the device thread, each finished before
+//! the next is taken; a pass publishes everything it served in the used ring before it
+//! ends, and the thread looks at a stop request only between passes over the queue. So a
+//! paused device has nothing in flight. The disk itself is wiring: the restorer opens it
+//! again, and [`BlockState`] only checks that it still shows the guest the same capacity,
+//! read-only flag and serial.
 
 use std::fs::{File, OpenOptions};
 use std::io;
