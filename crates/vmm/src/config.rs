@@ -281,13 +281,13 @@ mod tests {
             .contains("needs bps"));
         assert!(parse_disk("path=a,iops=0").is_err());
         assert!(parse_disk("path=a,bps=lots").is_err());
-        // The device's spin before sleeping: none unless asked for.
+        // The device's spin before sleeping: 32 µs unless told, 0 never.
         use std::time::Duration;
-        assert_eq!(parse_disk("path=a").unwrap().poll, Duration::ZERO);
         assert_eq!(
-            parse_disk("path=a,poll_us=32").unwrap().poll,
+            parse_disk("path=a").unwrap().poll,
             Duration::from_micros(32)
         );
+        assert_eq!(parse_disk("path=a,poll_us=0").unwrap().poll, Duration::ZERO);
         assert_eq!(
             parse_disk("path=a,poll_us=1000").unwrap().poll,
             Duration::from_millis(1)

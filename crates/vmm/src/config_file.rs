@@ -41,12 +41,12 @@ pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// The kernel's limit on a virtio-blk serial.
 pub const MAX_SERIAL_LEN: usize = 20;
 /// The disk's spin before sleeping when the configuration names none, in microseconds:
-/// none. Spinning trades a CPU for latency, a good trade only where the device thread has a
-/// CPU to itself: at queue depth 1 on our 2-CPU machine 32 µs lifted a tiny guest from 21k
-/// to 35k IOPS, but in the lab, whose 2 CPUs also run the guest's 2 vCPUs, it cost 13% of
-/// random-read IOPS (docs/benchmarks.md). QEMU likewise polls only in an iothread (32 µs),
-/// Firecracker and Cloud Hypervisor not at all.
-pub const DEFAULT_DISK_POLL_US: u64 = 0;
+/// QEMU's for its iothreads. At queue depth 1 on our 2-CPU machine it lifts a tiny guest
+/// from 25k to 40k IOPS. The spin yields the CPU between looks, so where CPUs are shared it
+/// does not hold up the threads waiting for them: in the lab, whose 2 CPUs also run the
+/// guest's 2 vCPUs, a spin that did not yield cost 13% of random-read IOPS, the yielding
+/// one gains 5% (docs/benchmarks.md). 0 never spins.
+pub const DEFAULT_DISK_POLL_US: u64 = 32;
 /// The longest spin a disk may ask for: a millisecond already holds a CPU through a
 /// guest's pauses; longer windows only burn it.
 pub const MAX_DISK_POLL_US: u64 = 1000;

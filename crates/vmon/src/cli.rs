@@ -111,7 +111,7 @@ struct RunArgs {
     /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on][,poll_us=N] plus
     /// rate limits (bps=RATE, bps_burst=BYTES, iops=N, iops_burst=N); repeat for more (the
     /// guest sees vda, vdb, ... in order). poll_us: the longest spin for the next request
-    /// before the device sleeps (default 0: never spins)
+    /// before the device sleeps (default 32, 0 never spins)
     #[arg(long = "disk", value_name = "SPEC", value_parser = config::parse_disk_spec)]
     disks: Vec<DiskSpec>,
     /// A virtio-net device on a host tap: tap=NAME[,mac=MAC] plus rate limits; repeat for
