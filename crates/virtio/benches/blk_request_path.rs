@@ -15,6 +15,9 @@
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_GET_ID as T_GET_ID, VIRTIO_BLK_T_IN as T_IN};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmon_virtio::block::{serve_queue, Disk, DiskOptions};
@@ -31,10 +34,8 @@ const DATA: u64 = 0x10_0000;
 const IMAGE_BYTES: u64 = 256 << 20;
 const BATCHES: usize = 4000;
 
-const T_IN: u32 = 0;
-const T_GET_ID: u32 = 8;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 /// The driver's side of a batch: each request header's type and sector, status bytes
 /// reset, the chains offered on the available ring.
@@ -51,6 +52,15 @@ fn offer(mem: &GuestMemoryMmap, kind: u32, batch: &[u64], avail_idx: &mut u16) {
     }
     *avail_idx = avail_idx.wrapping_add(DEPTH);
     mem.write_obj(*avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+}
+
+/// Runs `batch` over `sectors` a queue's worth at a time; nanoseconds per request.
+fn per_request(sectors: &[u64], mut batch: impl FnMut(&[u64])) -> f64 {
+    let start = Instant::now();
+    for b in sectors.chunks(usize::from(DEPTH)) {
+        batch(b);
+    }
+    start.elapsed().as_nanos() as f64 / sectors.len() as f64
 }
 
 /// Every request of the batch ended with an OK status.
@@ -96,11 +106,9 @@ fn main() {
             (STATUSES + r, 1, F_WRITE, 0),
         ];
         for (i, (addr, len, flags, next)) in descs.into_iter().enumerate() {
-            let at = GuestAddress(DESC + 16 * (head + i as u64));
-            mem.write_obj(addr, at).unwrap();
-            mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
-            mem.write_obj(next as u16, GuestAddress(at.0 + 14)).unwrap();
+            let d = RawDescriptor::from(Descriptor::new(addr, len, flags, next as u16));
+            mem.write_obj(d, GuestAddress(DESC + 16 * (head + i as u64)))
+                .unwrap();
         }
     }
     let mut queue = Queue::new(QUEUE_SIZE).unwrap();
@@ -129,48 +137,33 @@ fn main() {
         .collect();
 
     let mut avail_idx = 0u16;
-    let mut device_ns = Vec::new();
-    let mut pread_ns = Vec::new();
-    let mut queue_ns = Vec::new();
-    let mut driver_ns = Vec::new();
-    let requests = sectors.len() as f64;
+    let (mut device_ns, mut queue_ns, mut driver_ns, mut pread_ns) =
+        (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
-        let start = Instant::now();
-        for batch in sectors.chunks(usize::from(DEPTH)) {
+        device_ns.push(per_request(&sectors, |batch| {
             offer(&mem, T_IN, batch, &mut avail_idx);
             serve_queue(&mut disk, &mut queue, &mem).expect("queue stays usable");
             check(&mem);
-        }
-        device_ns.push(start.elapsed().as_nanos() as f64 / requests);
-
+        }));
         // Requests that need no system call (the disk's ID, 20 bytes) on the same chains:
         // the device's queue work alone.
-        let start = Instant::now();
-        for batch in sectors.chunks(usize::from(DEPTH)) {
+        queue_ns.push(per_request(&sectors, |batch| {
             offer(&mem, T_GET_ID, batch, &mut avail_idx);
             serve_queue(&mut disk, &mut queue, &mem).expect("queue stays usable");
             check(&mem);
-        }
-        queue_ns.push(start.elapsed().as_nanos() as f64 / requests);
-
+        }));
         // The driver's side alone, to take out of the GET_ID figure.
-        let start = Instant::now();
-        for batch in sectors.chunks(usize::from(DEPTH)) {
-            let mut unused = avail_idx;
-            offer(&mem, T_GET_ID, batch, &mut unused);
+        driver_ns.push(per_request(&sectors, |batch| {
+            offer(&mem, T_GET_ID, batch, &mut avail_idx.clone());
             for r in 0..u64::from(DEPTH) {
                 mem.write_obj(0u8, GuestAddress(STATUSES + r)).unwrap();
             }
             check(&mem);
-        }
-        driver_ns.push(start.elapsed().as_nanos() as f64 / requests);
-
-        // The same driver-side work (headers, status bytes, ring entries) around each batch,
-        // so that the difference is the device's alone.
-        let start = Instant::now();
-        for batch in sectors.chunks(usize::from(DEPTH)) {
-            let mut unused = avail_idx;
-            offer(&mem, T_IN, batch, &mut unused);
+        }));
+        // The same driver-side work (headers, status bytes, ring entries) around each
+        // batch, so that the difference is the device's alone.
+        pread_ns.push(per_request(&sectors, |batch| {
+            offer(&mem, T_IN, batch, &mut avail_idx.clone());
             for (r, &sector) in batch.iter().enumerate() {
                 // SAFETY: each buffer is 4 KiB of the guest memory mapped above, which
                 // nothing else touches meanwhile.
@@ -180,8 +173,7 @@ fn main() {
                     .unwrap();
             }
             check(&mem);
-        }
-        pread_ns.push(start.elapsed().as_nanos() as f64 / requests);
+        }));
     }
     device_ns.sort_by(f64::total_cmp);
     pread_ns.sort_by(f64::total_cmp);
