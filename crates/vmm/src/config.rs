@@ -96,9 +96,9 @@ fn take_rate(slot: Option<&mut Option<u64>>, key: &str, value: &str) -> Result<b
     Ok(true)
 }
 
-/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on][,poll_us=N]` plus [`LIMIT_KEYS`] into the
-/// spec a configuration file's `disks` entry gives; a bare `FILE` is allowed. Checks the
-/// same rules as the file, except the file system's.
+/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on][,poll_us=N]` plus
+/// [`LIMIT_KEYS`] into the spec a configuration file's `disks` entry gives; a bare `FILE`
+/// is allowed. Checks the same rules as the file, except the file system's.
 pub fn parse_disk_spec(text: &str) -> Result<DiskSpec, String> {
     let mut disk = DiskSpec::default();
     let known =
