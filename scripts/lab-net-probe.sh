@@ -11,12 +11,20 @@
 # vmon-guest (/tmp/vmon-guest-initrd-*.img, which the Linux-tier tests leave behind).
 # VMM=qemu runs the same guest under QEMU q35 (the benchmark's peer) instead, to tell a
 # fault of the lab from one of vmon; VMM=both runs them in turns, so their tcp-send figures
-# compare within one lab session. GUEST_ARGS adds guest kernel arguments (for example
+# compare within one lab session. VMM may also list several, in the order of each turn,
+# each `vmon`, `vmon:NET-OPTIONS[:FLAG...]` (NET-OPTIONS added to vmon's --net, each FLAG to
+# its command line: `vmon:bps=50M`, `vmon::--huge-pages=off`) or `qemu`, to compare
+# settings of vmon in one session. GUEST_ARGS adds guest kernel arguments (for example
 # irqaffinity=0, to keep every device interrupt on vCPU 0). WORK=net leaves out the disk
 # phase. KVM_STATS=1 samples the lab kernel's KVM statistics of the running VM (debugfs)
 # and prints what the network phase cost: exits, interrupt injections and halts, in all
 # and per MiB sent, and the guest's own interrupt counts per source during the transfer.
 # They are counts, not times, so they compare across VMMs without the lab's timing noise.
+# KVM_STATS=2 also counts the network phase's exits by reason, its MSR accesses by MSR and
+# its in-kernel MMIO writes (ioeventfds: queue notifies) by address, with the lab kernel's
+# histogram triggers on KVM's tracepoints (SVM exit codes: 0x60 host interrupt, 0x64
+# interrupt window, 0x78 HLT, 0x7b port I/O, 0x7c MSR, 0x400 nested page fault).
+# LAB_THP=always|madvise|never sets the lab kernel's transparent huge pages first.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 runs=${RUNS:-12}
@@ -34,7 +42,7 @@ ip -n "$ns" addr add 10.0.9.1/24 dev tapv
 ip -n "$ns" link set tapv up
 net_mib=512
 cmd="echo net-start; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && vmon-guest tcp-send 10.0.9.1:5201 $net_mib"
-if [ "${KVM_STATS:-0}" = 1 ]; then
+if [ "${KVM_STATS:-0}" != 0 ]; then
 	# The guest's own interrupt counts around the transfer, to name what the exits were.
 	cmd="echo net-start; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && sed 's/^/irq-before /' /proc/interrupts && vmon-guest tcp-send 10.0.9.1:5201 $net_mib && sed 's/^/irq-after /' /proc/interrupts"
 fi
@@ -42,11 +50,44 @@ if [ "${WORK:-all}" != net ]; then
 	cmd="vmon-guest seq-read /dev/vda 768; vmon-guest rand-read /dev/vda 4; vmon-guest seq-write /dev/vda 256; $cmd"
 fi
 kvm_stats="exits irq_injections halt_exits mmio_exits io_exits irq_exits irq_window_exits signal_exits"
-if [ "${KVM_STATS:-0}" = 1 ] && ! [ -d /sys/kernel/debug/kvm ]; then
+if [ "${KVM_STATS:-0}" != 0 ] && ! [ -d /sys/kernel/debug/kvm ]; then
 	mount -t debugfs none /sys/kernel/debug || exit 2
 fi
+# KVM tracepoint:histogram keys, for KVM_STATS=2.
+hists="kvm_exit:exit_reason.hex kvm_page_fault:error_code.hex kvm_msr:ecx.hex,write kvm_mmio:type,gpa.hex"
+tracing=/sys/kernel/tracing
+# Adds (""), clears (:clear) or removes (!) the histogram triggers.
+hist_triggers() {
+	local h
+	for h in $hists; do
+		if [ "$1" = "!" ]; then
+			echo "!hist:keys=${h#*:}:sort=hitcount.descending" >"$tracing/events/kvm/${h%%:*}/trigger"
+		else
+			echo "hist:keys=${h#*:}:sort=hitcount.descending$1" >>"$tracing/events/kvm/${h%%:*}/trigger"
+		fi
+	done
+}
+if [ -n "${LAB_THP:-}" ]; then
+	# The lab kernel's transparent huge page mode (always, madvise, never), for the run.
+	echo "$LAB_THP" >/sys/kernel/mm/transparent_hugepage/enabled || exit 2
+fi
+if [ "${KVM_STATS:-0}" = 2 ]; then
+	if ! [ -d $tracing/events/kvm ]; then
+		mount -t tracefs none $tracing || exit 2
+	fi
+	hist_triggers "" || exit 2
+fi
+# The histograms, one line per key: "event key... count".
+read_hists() {
+	local h
+	for h in $hists; do
+		sed -n "s/^{ \(.*\) } *hitcount: *\([0-9]*\)\$/${h%%:*} \1 \2/p" "$tracing/events/kvm/${h%%:*}/hist" |
+			tr -s ' '
+	done
+}
 # Writes the running VM's KVM statistics to $1 every 0.2 s, and to $1.start the first time
-# the guest's console ($2) says the network phase starts.
+# the guest's console ($2) says the network phase starts (clearing the histograms then,
+# and writing them to $1.hist at each sample after).
 sample_kvm() {
 	local vm now
 	while sleep 0.2; do
@@ -55,7 +96,11 @@ sample_kvm() {
 			now=""
 			for f in $kvm_stats; do now+="$(cat "$vm/$f" 2>/dev/null || echo 0) "; done
 			echo "$now" >"$1"
+			if [ -f "$1.start" ] && [ "${KVM_STATS:-0}" = 2 ]; then
+				read_hists >"$1.hist.new" && mv "$1.hist.new" "$1.hist"
+			fi
 			if ! [ -f "$1.start" ] && grep -q '^net-start' "$2"; then
+				[ "${KVM_STATS:-0}" = 2 ] && hist_triggers :clear
 				echo "$now" >"$1.start"
 			fi
 		done
@@ -68,9 +113,14 @@ append="console=ttyS0 reboot=k,panic_warm panic=-1 i8042.noaux loglevel=7 $guest
 # The command line that runs the guest under VMM $1.
 launch() {
 	case $1 in
-	vmon)
+	vmon | vmon:*)
+		local net_options flags
+		IFS=: read -r _ net_options flags <<<"$1"
+		# shellcheck disable=SC2206 # FLAGs are split at colons, on purpose
+		flags=(${flags//:/ })
 		launch=("$vmon" run --kernel "$VMON_KIT/vmlinux" --initrd "$initrd" --cpus 2
-			--memory 1G --disk path="$img" --net tap=tapv --cmdline "$append")
+			--memory 1G --disk path="$img" --net "tap=tapv${net_options:+,$net_options}"
+			"${flags[@]}" --cmdline "$append")
 		;;
 	qemu)
 		# shellcheck disable=SC2054 # QEMU's option values are comma lists
@@ -89,11 +139,18 @@ launch() {
 	esac
 }
 case $vmm in
-vmon | qemu) vmms=("$vmm") ;;
 both) vmms=(vmon qemu) ;;
 *)
-	echo "lab-net-probe: VMM must be vmon, qemu or both, not '$vmm'" >&2
-	exit 2
+	read -ra vmms <<<"$vmm"
+	for v in "${vmms[@]}"; do
+		case $v in
+		vmon | vmon:* | qemu) ;;
+		*)
+			echo "lab-net-probe: VMM must list vmon, vmon:NET-OPTIONS or qemu, or be both; not '$v'" >&2
+			exit 2
+			;;
+		esac
+	done
 	;;
 esac
 echo "== ${vmms[*]} (vmon: $vmon), guest arguments: ${guest_args:-none}"
@@ -107,8 +164,8 @@ for run in $(seq 1 "$runs"); do
 		recv=$!
 		start=$(date +%s)
 		sampler=""
-		if [ "${KVM_STATS:-0}" = 1 ]; then
-			rm -f "$out.kvm" "$out.kvm.start"
+		if [ "${KVM_STATS:-0}" != 0 ]; then
+			rm -f "$out.kvm" "$out.kvm.start" "$out.kvm.hist"
 			sample_kvm "$out.kvm" "$out" &
 			sampler=$!
 		fi
@@ -131,6 +188,15 @@ for run in $(seq 1 "$runs"); do
 				i=$((i + 1))
 			done
 			echo "== $v run $run, KVM during the network phase: $line"
+			if [ -f "$out.kvm.hist" ]; then
+				for h in $hists; do
+					echo "== $v run $run, ${h%%:*} by ${h#*:}: $(awk -v ev="${h%%:*}" '
+						$1 == ev && shown < 8 {
+							k = ""; for (i = 2; i < NF; i++) if ($i !~ /:$/) k = k $i
+							printf "%s=%s ", k, $NF; shown++
+						}' "$out.kvm.hist")"
+				done
+			fi
 			# Per interrupt source, summed over the guest's CPUs: counts after minus before
 			# (the first line of /proc/interrupts names the CPUs).
 			echo "== $v run $run, guest interrupts during the transfer: $(awk '
@@ -158,4 +224,5 @@ for v in "${vmms[@]}"; do
 	echo "== $v: ${bad[$v]:-0} of $runs runs did not end well; tcp-send MB/s: ${tcp[$v]}(median ${median:-none})"
 done
 ip netns del "$ns"
+[ "${KVM_STATS:-0}" = 2 ] && hist_triggers "!"
 rm -f "$img" /dev/shm/net-probe.*

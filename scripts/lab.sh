@@ -284,8 +284,17 @@ lab_main() {
 	fi
 	if [[ $verbose -eq 1 || $timed_out -eq 0 ]]; then
 		{
-			echo "--- lab console (last 30 lines) ---"
-			lab_clean_console "$dir/console.log" | tail -n 30
+			# A lab-kernel crash from its first line (which names the task), else the end.
+			local crash
+			crash=$(lab_clean_console "$dir/console.log" |
+				grep -n -m1 -E 'BUG:|Oops|general protection|Kernel panic' | cut -d: -f1)
+			if [[ -n $crash ]]; then
+				echo "--- lab console (the crash, from line $crash) ---"
+				lab_clean_console "$dir/console.log" | tail -n "+$((crash > 5 ? crash - 5 : 1))" | head -n 120
+			else
+				echo "--- lab console (last 30 lines) ---"
+				lab_clean_console "$dir/console.log" | tail -n 30
+			fi
 			grep -v "TCG doesn.t support requested feature" "$dir/qemu.log" | sed "1i --- qemu ---" || true
 		} >&2
 	fi
