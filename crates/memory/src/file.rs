@@ -519,9 +519,9 @@ fn seek(file: &File, from: u64, whence: i32) -> io::Result<Option<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::create_guest_memory;
     use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
     use crate::size::MemSize;
+    use crate::{create_guest_memory, Backing};
     use std::os::unix::fs::MetadataExt;
     use std::sync::atomic::{AtomicU64, Ordering};
     use vm_memory::Bytes;
@@ -642,7 +642,7 @@ mod tests {
         let dir = TestDir::new("round-trip");
         let path = dir.path("memory");
         let layout = layout(mib);
-        let mem = create_guest_memory(&layout).unwrap();
+        let mem = create_guest_memory(&layout, Backing::default()).unwrap();
         let marks = marks(&layout);
         for &(addr, value) in &marks {
             mem.write_obj(value, GuestAddress(addr)).unwrap();
@@ -722,7 +722,7 @@ mod tests {
         let dir = TestDir::new("clones");
         let path = dir.path("memory");
         let layout = layout(64);
-        let mem = create_guest_memory(&layout).unwrap();
+        let mem = create_guest_memory(&layout, Backing::default()).unwrap();
         mem.write_obj(1u64, GuestAddress(MIB)).unwrap();
         save_guest_memory(&mem, &path).unwrap();
         let a = restore_guest_memory(&layout, &path).unwrap();
@@ -743,7 +743,7 @@ mod tests {
         let dir = TestDir::new("cancelled");
         let path = dir.path("memory");
         let layout = layout(64);
-        let mem = create_guest_memory(&layout).unwrap();
+        let mem = create_guest_memory(&layout, Backing::default()).unwrap();
         mem.write_obj(1u64, GuestAddress(MIB)).unwrap();
         let cancel = AtomicBool::new(true);
         let e = save_guest_memory_unless(&mem, &path, &cancel).unwrap_err();
@@ -761,7 +761,11 @@ mod tests {
         let dir = TestDir::new("mismatch");
         let path = dir.path("memory");
         let small = layout(256);
-        save_guest_memory(&create_guest_memory(&small).unwrap(), &path).unwrap();
+        save_guest_memory(
+            &create_guest_memory(&small, Backing::default()).unwrap(),
+            &path,
+        )
+        .unwrap();
         let e = restore_guest_memory(&layout(4096), &path).unwrap_err();
         assert!(matches!(e, MemoryFileError::SizeMismatch { .. }), "{e}");
         assert_eq!(
@@ -798,7 +802,7 @@ mod tests {
         let e = restore_guest_memory(&layout(64), &fifo).unwrap_err();
         assert!(matches!(e, MemoryFileError::NotRegularFile { .. }), "{e}");
         // Saving into a directory that does not exist names the file and the step.
-        let mem = create_guest_memory(&layout(64)).unwrap();
+        let mem = create_guest_memory(&layout(64), Backing::default()).unwrap();
         let e = save_guest_memory(&mem, &dir.path("nope/memory")).unwrap_err();
         assert!(e.to_string().contains("nope/memory"), "{e}");
         assert!(!e.to_string().contains('\n'));
@@ -811,7 +815,7 @@ mod tests {
         let dir = TestDir::new("resave");
         let first = dir.path("first");
         let layout = layout(64);
-        let mem = create_guest_memory(&layout).unwrap();
+        let mem = create_guest_memory(&layout, Backing::default()).unwrap();
         mem.write_obj(0x1111u64, GuestAddress(MIB)).unwrap();
         save_guest_memory(&mem, &first).unwrap();
         drop(mem);
@@ -849,7 +853,7 @@ mod tests {
         let dir = TestDir::new("overwrite");
         let path = dir.path("memory");
         let layout = layout(64);
-        let mem = create_guest_memory(&layout).unwrap();
+        let mem = create_guest_memory(&layout, Backing::default()).unwrap();
         mem.write_obj(1u64, GuestAddress(MIB)).unwrap();
         mem.write_obj(5u64, GuestAddress(3 * MIB)).unwrap();
         save_guest_memory(&mem, &path).unwrap();

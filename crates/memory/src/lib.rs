@@ -3,8 +3,9 @@
 //!
 //! Guest RAM is anonymous, private, `MAP_NORESERVE` host memory (vm-memory's default for
 //! anonymous regions): nothing is allocated until the guest touches a page, so a 4 GiB guest
-//! that uses 40 MiB costs 40 MiB. A restored guest's RAM is instead a private mapping of its
-//! snapshot's memory file ([`file`]), just as lazy.
+//! that uses 40 MiB costs 40 MiB (rounded up to huge pages where [`ram`] uses them). A
+//! restored guest's RAM is instead a private mapping of its snapshot's memory file
+//! ([`file`]), just as lazy.
 
 #![deny(unsafe_code)]
 
@@ -14,6 +15,9 @@
 pub mod file;
 pub mod host;
 pub mod layout;
+// madvise, and the address-space reservation that aligns guest RAM, have no safe wrapper.
+#[allow(unsafe_code)]
+pub mod ram;
 pub mod size;
 
 pub use file::{
@@ -22,6 +26,7 @@ pub use file::{
 };
 pub use host::HostMemory;
 pub use layout::{E820Entry, E820Kind, MemoryLayout};
+pub use ram::Backing;
 pub use size::{MemSize, SizeError};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -40,12 +45,15 @@ pub enum MemoryError {
 }
 
 /// Maps host memory for every RAM range of `layout`.
-pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestMemory, MemoryError> {
+pub fn create_guest_memory(
+    layout: &MemoryLayout,
+    backing: Backing,
+) -> Result<GuestMemory, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> = layout
         .ram_ranges()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
+    ram::map_anonymous(&ranges, backing).map_err(|source| MemoryError::Map {
         size: layout.total(),
         source,
     })
@@ -59,7 +67,7 @@ mod tests {
     #[test]
     fn guest_memory_spans_the_hole() {
         let layout = MemoryLayout::new(MemSize::from_mib(4608)).unwrap();
-        let mem = create_guest_memory(&layout).unwrap();
+        let mem = create_guest_memory(&layout, Backing::TransparentHuge).unwrap();
         assert_eq!(mem.num_regions(), 2);
         assert!(mem.address_in_range(GuestAddress(0xBFFF_FFFF)));
         assert!(!mem.address_in_range(GuestAddress(0xC000_0000)));

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 pub use crate::config_file::{CpuSpec, DiskSpec, NetSpec, VsockSpec};
-use vmon_memory::MemSize;
+use vmon_memory::{Backing, MemSize};
 pub use vmon_virtio::block::DiskOptions;
 pub use vmon_virtio::net::{MacAddr, NetOptions};
 use vmon_virtio::rate_limiter::parse_rate;
@@ -18,6 +18,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u32,
     pub memory: MemSize,
+    /// Huge pages or 4 KiB pages for guest RAM.
+    pub memory_backing: Backing,
     /// Expose VMX/SVM to the guest.
     pub nested: bool,
     /// Forward the host's stdin to COM1 (off for tests and detached VMs).
@@ -47,6 +49,7 @@ impl VmConfig {
             cmdline: String::new(),
             cpus: 1,
             memory: MemSize::from_mib(256),
+            memory_backing: Backing::default(),
             nested: false,
             console_input: true,
             disks: Vec::new(),

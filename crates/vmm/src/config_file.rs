@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vmon_memory::layout::MIN_MEMORY;
-use vmon_memory::MemSize;
+use vmon_memory::{Backing, MemSize};
 use vmon_virtio::net::MacAddr;
 use vmon_virtio::rate_limiter::{parse_rate, Limit, Limits};
 use vmon_virtio::tap;
@@ -72,6 +72,9 @@ pub struct VmSpec {
     /// `"512M"`, `"2G"`, or a number of MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemSize>,
+    /// Back guest RAM with transparent huge pages (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -385,6 +388,7 @@ impl VmSpec {
             cmdline,
             cpus,
             memory,
+            huge_pages,
             cpu,
             disks,
             nets,
@@ -412,6 +416,7 @@ impl VmSpec {
             cmdline,
             cpus,
             memory,
+            huge_pages,
             cpu,
             disks,
             nets,
@@ -576,6 +581,11 @@ impl VmSpec {
             cmdline: self.cmdline.clone().unwrap_or_default(),
             cpus: self.cpus.unwrap_or(DEFAULT_CPUS),
             memory: self.memory.unwrap_or(DEFAULT_MEMORY),
+            memory_backing: if self.huge_pages.unwrap_or(true) {
+                Backing::TransparentHuge
+            } else {
+                Backing::SmallPages
+            },
             nested: self.cpu.is_some_and(|c| c.nested),
             disks,
             rng: self.rng.unwrap_or(false),

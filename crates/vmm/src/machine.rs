@@ -168,7 +168,7 @@ impl Machine {
         }
         let (memory, saved) = match start {
             Start::Boot => (
-                create_guest_memory(&layout).map_err(VmmError::MapMemory)?,
+                create_guest_memory(&layout, config.memory_backing).map_err(VmmError::MapMemory)?,
                 None,
             ),
             Start::Restore { snapshot, memory } => {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use vmon_memory::MemSize;
+use vmon_memory::{Backing, MemSize};
 use vmon_virtio::rate_limiter::Limit;
 use vmon_vmm::config::{
     parse_cpu_spec, parse_disk_spec, parse_net_spec, parse_vsock_spec, MacAddr,
@@ -50,6 +50,7 @@ const FULL_JSON: &str = r#"{
   "cmdline": "console=ttyS0 root=/dev/vda",
   "cpus": 2,
   "memory": "1G",
+  "huge_pages": false,
   "cpu": { "nested": true },
   "disks": [
     { "path": "/images/root.img", "serial": "root", "direct": true, "bps": "10M", "bps_burst": 20971520 },
@@ -72,6 +73,7 @@ initrd = "/boot/initrd.img"
 cmdline = "console=ttyS0 root=/dev/vda"
 cpus = 2
 memory = 1024
+huge_pages = false
 command = ["uname", "-a"]
 rng = true
 api_socket = "/run/vm.api"
@@ -113,6 +115,7 @@ fn full() -> VmSpec {
         cmdline: Some("console=ttyS0 root=/dev/vda".into()),
         cpus: Some(2),
         memory: Some(MemSize::from_mib(1024)),
+        huge_pages: Some(false),
         cpu: Some(CpuSpec { nested: true }),
         disks: Some(vec![
             DiskSpec {
@@ -601,6 +604,7 @@ fn a_spec_becomes_a_vm_config() {
         (config.cpus, config.memory, config.nested),
         (2, MemSize::from_mib(1024), true)
     );
+    assert_eq!(config.memory_backing, Backing::SmallPages);
     assert!(config.rng);
     assert_eq!(config.disks.len(), 2);
     assert_eq!(
@@ -637,6 +641,7 @@ fn a_spec_becomes_a_vm_config() {
     };
     let config = bare.to_vm_config().unwrap();
     assert_eq!((config.cpus, config.memory), (1, DEFAULT_MEMORY));
+    assert_eq!(config.memory_backing, Backing::TransparentHuge);
     assert!(config.disks.is_empty() && config.nets.is_empty() && config.vsock.is_none());
     assert!(!config.rng && !config.nested && config.console_input);
     assert_eq!(config.metrics_interval, Duration::from_secs(10));

@@ -3,14 +3,14 @@
 //! the same Debian kernel and initramfs (the default guest kit) with the same command line.
 //! Needs hardware virtualisation: on PVM hosts run it inside the lab (scripts/bench-boot.sh).
 //!
-//! Run: `VMON_KIT=$(vmon kit) cargo bench -p vmon --bench linux_boot [-- RUNS]`.
+//! Run: `VMON_KIT=$(vmon kit) cargo bench -p vmon --bench linux_boot [-- RUNS]`. `VMON_BIN`
+//! measures another vmon binary.
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-const VMON: &str = env!("CARGO_BIN_EXE_vmon");
 const MARKER: &[u8] = b"userspace-up\n";
 
 fn main() {
@@ -35,7 +35,7 @@ fn main() {
             continue;
         }
         let vmon = || {
-            let mut c = Command::new(VMON);
+            let mut c = Command::new(common::vmon_bin());
             c.args([
                 "run",
                 "--kernel",

@@ -105,6 +105,10 @@ struct RunArgs {
     /// Guest memory: 512M, 2G, 1024 (MiB) [default: 512M]
     #[arg(long, value_name = "SIZE")]
     memory: Option<MemSize>,
+    /// Back guest RAM with transparent huge pages where the host allows (fewer nested page
+    /// faults and TLB misses; memory is then allocated 2 MiB at a time) [default: on]
+    #[arg(long, value_name = "on|off", value_parser = on_off)]
+    huge_pages: Option<bool>,
     /// CPU options: nested=on exposes VMX/SVM to the guest
     #[arg(long = "cpu", value_name = "OPTS", value_parser = config::parse_cpu_spec)]
     cpu: Option<CpuSpec>,
@@ -154,6 +158,7 @@ impl RunArgs {
             cmdline: self.cmdline.clone(),
             cpus: self.cpus,
             memory: self.memory,
+            huge_pages: self.huge_pages,
             cpu: self.cpu,
             disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
@@ -485,6 +490,15 @@ fn restore(args: RestoreArgs) -> i32 {
 fn report(e: VmmError) -> i32 {
     let code = e.exit_code();
     fail(e, code)
+}
+
+/// `on` or `off`, as the device options spell booleans.
+fn on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err("use on or off".into()),
+    }
 }
 
 #[cfg(test)]
