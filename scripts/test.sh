@@ -29,6 +29,13 @@ start=$(date +%s)
 say "tiers 1 and 2: unit tests and tiny guests"
 cargo test --workspace
 
+# The static release binary (what scripts/build-release.sh ships) links differently: a
+# symbol glibc provides only weakly once left every vCPU thread jumping to address 0 there,
+# with every test above passing. The tiny guests run again on it.
+say "tier 2 again, on the static release build"
+release_bin=$(scripts/build-release.sh)
+VMON_BIN=$release_bin cargo test -p vmon --test tiny_guests
+
 linux_tier_direct() {
 	[ -r /dev/kvm ] && [ -w /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]
 }

@@ -108,8 +108,11 @@ impl VcpuStats {
 
     /// Called on the vCPU thread when it starts.
     pub fn set_current_thread(&self) {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
+        // The system call, not glibc's wrapper: Rust's standard library refers to `gettid`
+        // weakly, and a static link (scripts/build-release.sh) then leaves the symbol null,
+        // so calling the wrapper jumped to address 0 on every vCPU thread.
+        // SAFETY: gettid takes no arguments and cannot fail.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
         self.tid.store(tid, Ordering::Relaxed);
     }
 

@@ -13,6 +13,12 @@ pub mod guest_tools;
 
 pub const VMON: &str = env!("CARGO_BIN_EXE_vmon");
 
+/// The binary [`spawn_vmon`] and [`run_vmon`] run: `VMON_BIN` (scripts/test.sh points it at
+/// the static release build for a second pass of the tiny guests) or the one cargo built.
+pub fn vmon_bin() -> String {
+    std::env::var("VMON_BIN").unwrap_or_else(|_| VMON.to_string())
+}
+
 /// Whether a Linux-tier test (stock Debian kernel) can run here. In the lab, or wherever
 /// `VMON_LINUX_TIER=1`, it must; on a PVM host it skips (scripts/test.sh runs it in the lab).
 pub fn linux_tier(test: &str) -> bool {
@@ -91,7 +97,7 @@ impl Output {
 
 /// Starts vmon with `args` and `stdin`; its stdout and stderr are pipes.
 pub fn spawn_vmon(args: &[&str], stdin: Stdio) -> Child {
-    Command::new(VMON)
+    Command::new(vmon_bin())
         .args(args)
         .stdin(stdin)
         .stdout(Stdio::piped())
@@ -114,7 +120,7 @@ pub fn run_vmon(args: &[&str], timeout: Duration) -> Output {
 }
 
 pub fn run_vmon_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
-    let mut cmd = Command::new(VMON);
+    let mut cmd = Command::new(vmon_bin());
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
