@@ -33,7 +33,8 @@ cargo test --workspace
 # symbol glibc provides only weakly once left every vCPU thread jumping to address 0 there,
 # with every test above passing. The tiny guests run again on it.
 say "tier 2 again, on the static release build"
-release_bin=$(scripts/build-release.sh)
+# Absolute: the tests run from their crate's directory.
+release_bin=$(realpath "$(scripts/build-release.sh)")
 VMON_BIN=$release_bin cargo test -p vmon --test tiny_guests
 
 linux_tier_direct() {
