@@ -212,10 +212,15 @@ pub fn parse_cpu_spec(text: &str) -> Result<CpuSpec, String> {
 }
 
 fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    parse_on_off(value).map_err(|e| format!("{key}={value}: {e}"))
+}
+
+/// `on` or `off`, as flags and device options spell a boolean (a flag's value parser).
+pub fn parse_on_off(value: &str) -> Result<bool, String> {
     match value {
         "on" => Ok(true),
         "off" => Ok(false),
-        v => Err(format!("{key}={v}: use on or off")),
+        _ => Err("use on or off".into()),
     }
 }
 

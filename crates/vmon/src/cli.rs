@@ -107,7 +107,7 @@ struct RunArgs {
     memory: Option<MemSize>,
     /// Back guest RAM with transparent huge pages where the host allows (fewer nested page
     /// faults and TLB misses; memory is then allocated 2 MiB at a time) [default: on]
-    #[arg(long, value_name = "on|off", value_parser = on_off)]
+    #[arg(long, value_name = "on|off", value_parser = config::parse_on_off)]
     huge_pages: Option<bool>,
     /// CPU options: nested=on exposes VMX/SVM to the guest
     #[arg(long = "cpu", value_name = "OPTS", value_parser = config::parse_cpu_spec)]
@@ -490,15 +490,6 @@ fn restore(args: RestoreArgs) -> i32 {
 fn report(e: VmmError) -> i32 {
     let code = e.exit_code();
     fail(e, code)
-}
-
-/// `on` or `off`, as the device options spell booleans.
-fn on_off(value: &str) -> Result<bool, String> {
-    match value {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err("use on or off".into()),
-    }
 }
 
 #[cfg(test)]
