@@ -24,6 +24,12 @@
 # its in-kernel MMIO writes (ioeventfds: queue notifies) by address, with the lab kernel's
 # histogram triggers on KVM's tracepoints (SVM exit codes: 0x60 host interrupt, 0x64
 # interrupt window, 0x78 HLT, 0x7b port I/O, 0x7c MSR, 0x400 nested page fault).
+# With KVM_STATS, the probe also prints the CPU time each of the VMM's threads (by name),
+# the receiver and the whole lab spent in the network phase, from their schedstat and
+# /proc/stat: a VMM whose own threads take more CPU per MiB leaves less to the guest's
+# vCPUs on the lab's two CPUs.
+# PERF=1 (with KVM_STATS) also profiles the VMM process for 4 s of the network phase
+# (perf's cpu-clock: TCG has no PMU) and prints its top functions per thread.
 # LAB_THP=always|madvise|never sets the lab kernel's transparent huge pages first.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -85,12 +91,27 @@ read_hists() {
 			tr -s ' '
 	done
 }
+# CPU time in ms so far: "thread NAME ms" per thread of the VMM (pid $1), "recv ms" for the
+# receiver, and "lab-busy ms" / "lab-idle ms" from /proc/stat (jiffies of 10 ms).
+cpu_times() {
+	local t name ns
+	for t in /proc/"$1"/task/*; do
+		name=$(tr ' ' _ <"$t/comm" 2>/dev/null) || continue
+		read -r ns _ 2>/dev/null <"$t/schedstat" || continue
+		echo "thread $name $((ns / 1000000))"
+	done
+	t=$(pgrep -n -f "tcp-recv 5201") && read -r ns _ 2>/dev/null <"/proc/$t/schedstat" &&
+		echo "recv - $((ns / 1000000))"
+	awk '$1 == "cpu" { print "lab busy", ($2 + $3 + $4 + $7 + $8) * 10; print "lab idle", ($5 + $6) * 10 }' /proc/stat
+}
 # Writes the running VM's KVM statistics to $1 every 0.2 s, and to $1.start the first time
 # the guest's console ($2) says the network phase starts (clearing the histograms then,
 # and writing them to $1.hist at each sample after).
 sample_kvm() {
-	local vm now
+	local vm now pid
 	while sleep 0.2; do
+		pid=$(pgrep -n -f "^($vmon|qemu-system-x86_64) ")
+		[ -n "$pid" ] && cpu_times "$pid" >"$1.cpu"
 		for vm in /sys/kernel/debug/kvm/*-*/; do
 			[ -r "$vm/exits" ] || continue
 			now=""
@@ -102,6 +123,11 @@ sample_kvm() {
 			if ! [ -f "$1.start" ] && grep -q '^net-start' "$2"; then
 				[ "${KVM_STATS:-0}" = 2 ] && hist_triggers :clear
 				echo "$now" >"$1.start"
+				cp "$1.cpu" "$1.cpu.start" 2>/dev/null
+				if [ "${PERF:-0}" = 1 ] && [ -n "$pid" ]; then
+					perf record -q -e cpu-clock -F 1000 -g -p "$pid" -o "$1.perf" -- sleep 4 \
+						>/dev/null 2>&1 &
+				fi
 			fi
 		done
 	done
@@ -124,7 +150,8 @@ launch() {
 		;;
 	qemu)
 		# shellcheck disable=SC2054 # QEMU's option values are comma lists
-		launch=(qemu-system-x86_64 -M q35 -enable-kvm -cpu host,-arch-capabilities -smp 2
+		# debug-threads names QEMU's threads, for the CPU times per thread.
+		launch=(qemu-system-x86_64 -name probe,debug-threads=on -M q35 -enable-kvm -cpu host,-arch-capabilities -smp 2
 			-m 1G -nodefaults -no-user-config -display none -monitor none -serial stdio
 			-kernel "$VMON_KIT/vmlinux" -initrd "$initrd" -append "$append"
 			-device virtio-blk-pci,drive=d0
@@ -165,7 +192,7 @@ for run in $(seq 1 "$runs"); do
 		start=$(date +%s)
 		sampler=""
 		if [ "${KVM_STATS:-0}" != 0 ]; then
-			rm -f "$out.kvm" "$out.kvm.start" "$out.kvm.hist"
+			rm -f "$out.kvm" "$out.kvm.start" "$out.kvm.hist" "$out.kvm.cpu" "$out.kvm.cpu.start"
 			sample_kvm "$out.kvm" "$out" &
 			sampler=$!
 		fi
@@ -196,6 +223,21 @@ for run in $(seq 1 "$runs"); do
 							printf "%s=%s ", k, $NF; shown++
 						}' "$out.kvm.hist")"
 				done
+			fi
+			if [ -f "$out.kvm.cpu.start" ]; then
+				# Summed per thread name (QEMU's pool threads share one), after minus before;
+				# a thread that ended in between is left out.
+				echo "== $v run $run, CPU ms during the network phase: $(awk '
+					FNR == NR { b[$1 " " $2] += $3; next }
+					{ a[$1 " " $2] += $3 }
+					END { for (k in a) if (k in b && a[k] - b[k] > 0) printf "%s %d; ", k, a[k] - b[k] }' \
+					"$out.kvm.cpu.start" "$out.kvm.cpu" | sed 's/thread //g')"
+			fi
+			while pgrep -x perf >/dev/null; do sleep 0.5; done
+			if [ -f "$out.kvm.perf" ]; then
+				echo "== $v run $run, profile of the VMM in the network phase (share of samples):"
+				perf report -i "$out.kvm.perf" --no-children --sort comm,sym --stdio -g none \
+					2>/dev/null | grep -E '^ +[0-9]' | head -40
 			fi
 			# Per interrupt source, summed over the guest's CPUs: counts after minus before
 			# (the first line of /proc/interrupts names the CPUs).
