@@ -1,19 +1,23 @@
 //! virtio-blk backed by a raw image file (or host block device).
 //!
-//! Requests are served synchronously on the device's thread, straight between the file
-//! and guest memory with `pread`/`pwrite` (`preadv`/`pwritev` when a request spans several
-//! buffers), no copy in between. FLUSH is `fdatasync`, so what the guest flushed survives
-//! a host crash. DISCARD and unmapping WRITE_ZEROES punch holes in the file. A read-only
-//! disk is opened read-only: writes fail with an I/O error to the guest and the file
-//! cannot change. Images are locked (shared for read-only, exclusive otherwise) so two VMs
-//! cannot write the same file by mistake.
+//! Requests are served on the device's thread, straight between the file and guest memory
+//! with no copy in between. What can be done at once is done at once with `pread`/`pwrite`
+//! (`preadv`/`pwritev` when a request spans several buffers): a read the page cache holds
+//! (tried with `RWF_NOWAIT`), a buffered write, and everything on tmpfs. What may wait for
+//! the storage (a read the page cache cannot answer, O_DIRECT I/O, a flush) goes to the
+//! disk's io_uring ([`crate::uring`]), so that many requests are in flight at once, and
+//! the thread returns those chains when their completions come back (`aio=sync` keeps the
+//! old one-at-a-time way). FLUSH is `fdatasync`, so what the guest flushed survives a host
+//! crash. DISCARD and unmapping WRITE_ZEROES punch holes in the file. A read-only disk is
+//! opened read-only: writes fail with an I/O error to the guest and the file cannot
+//! change. Images are locked (shared for read-only, exclusive otherwise) so two VMs cannot
+//! write the same file by mistake.
 //!
-//! Snapshots: requests are served one at a time on the device thread, each finished before
-//! the next is taken; a pass publishes everything it served in the used ring before it
-//! ends, and the thread looks at a stop request only between passes over the queue. So a
-//! paused device has nothing in flight. The disk itself is wiring: the restorer opens it
-//! again, and [`BlockState`] only checks that it still shows the guest the same capacity,
-//! read-only flag and serial.
+//! Snapshots: the thread looks at a stop request only between passes over the queue, and
+//! before it stops it waits for every request in flight and publishes it in the used ring.
+//! So a paused device has nothing in flight. The disk itself is wiring: the restorer opens
+//! it again, and [`BlockState`] only checks that it still shows the guest the same
+//! capacity, read-only flag and serial.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -24,12 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::Queue;
+use virtio_bindings::virtio_blk as vb;
+use virtio_queue::{Queue, QueueT};
 use vmon_memory::GuestMemory;
 
-use crate::chain::{self, Chain, Popped};
+use crate::chain::{self, Chain, Popped, Taken};
 use crate::metrics::{CounterSet, DeviceMetrics};
 use crate::rate_limiter::{Limits, RateLimiter};
+use crate::uring::Uring;
 use crate::worker::{AdaptivePoll, Parked, Wake, Worker};
 use crate::{
     device_id, ActivateError, Activation, DeviceState, DeviceStateError, PauseError, VirtioDevice,
@@ -43,31 +49,32 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// Largest discard or write-zeroes range per segment, in sectors (2 GiB).
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
-const SERIAL_LEN: usize = 20;
+const SERIAL_LEN: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 const HEADER_LEN: u64 = 16;
 const SEGMENT_LEN: u64 = 16;
 const IOV_MAX: usize = 1024;
 const QUEUE_TOKEN: u64 = 0;
 const LIMITER_TOKEN: u64 = 1;
+const COMPLETION_TOKEN: u64 = 2;
 
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_SEG_MAX: u64 = 1 << vb::VIRTIO_BLK_F_SEG_MAX;
+const F_RO: u64 = 1 << vb::VIRTIO_BLK_F_RO;
+const F_BLK_SIZE: u64 = 1 << vb::VIRTIO_BLK_F_BLK_SIZE;
+const F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
+const F_DISCARD: u64 = 1 << vb::VIRTIO_BLK_F_DISCARD;
+const F_WRITE_ZEROES: u64 = 1 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const WRITE_ZEROES_UNMAP: u32 = 1;
+const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
+const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
+const T_DISCARD: u32 = vb::VIRTIO_BLK_T_DISCARD;
+const T_WRITE_ZEROES: u32 = vb::VIRTIO_BLK_T_WRITE_ZEROES;
+const WRITE_ZEROES_UNMAP: u32 = vb::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskOptions {
@@ -82,6 +89,21 @@ pub struct DiskOptions {
     /// Longest the device thread spins for the driver's next request before it sleeps
     /// (the window adapts below this; see [`AdaptivePoll`]). Zero never spins.
     pub poll: Duration,
+    /// How requests reach the file.
+    pub aio: Aio,
+}
+
+/// How a disk's requests reach its file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Aio {
+    /// Requests that may wait for the storage (reads the page cache cannot answer at once,
+    /// O_DIRECT reads and writes, flushes) go through io_uring, many in flight at a time;
+    /// the rest are served at once on the disk's thread. Falls back to `Sync`, with a
+    /// warning, where the host refuses io_uring.
+    #[default]
+    IoUring,
+    /// One request at a time on the disk's thread, with `pread`/`pwrite`.
+    Sync,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +156,7 @@ pub struct Disk {
     counters: Arc<CounterSet>,
     limits: Limits,
     poll: Duration,
+    aio: Aio,
     sectors: u64,
     readonly: bool,
     direct: bool,
@@ -197,6 +220,7 @@ impl Disk {
             counters: CounterSet::new(&BLOCK_COUNTERS),
             limits: opts.limits,
             poll: opts.poll,
+            aio: opts.aio,
             sectors: bytes / SECTOR_SIZE,
             readonly: opts.readonly,
             direct: opts.direct,
@@ -317,14 +341,22 @@ impl VirtioDevice for Block {
         };
         let mut q = a.queues.remove(0);
         let poll_max = disk.poll;
+        let name = self.name.clone();
         let worker = Worker::spawn(format!("virtio-blk {}", self.name), move |mut events| {
+            let mem = &a.memory;
             let notify = q.notify.as_raw_fd();
+            let mut in_flight = InFlight::new(&disk, &name);
             let watched = events
                 .add(notify, QUEUE_TOKEN, false)
                 .and_then(|()| match &limiter {
                     Some(l) => events.add(l.as_raw_fd(), LIMITER_TOKEN, false),
                     None => Ok(()),
+                })
+                .and_then(|()| match &in_flight {
+                    Some(f) => events.add(f.uring.completion_fd(), COMPLETION_TOKEN, false),
+                    None => Ok(()),
                 });
+            let mut used = Vec::new();
             if let Err(e) = watched {
                 a.interrupt.fail_device(&format!("watching the queue: {e}"));
             } else {
@@ -336,52 +368,94 @@ impl VirtioDevice for Block {
                             l.timer_fired();
                         }
                     }
+                    if let Some(f) = &mut in_flight {
+                        if tokens.contains(&COMPLETION_TOKEN) {
+                            f.reap(&disk, mem, &mut used);
+                            match give_back(&mut q.queue, mem, &mut used) {
+                                Ok(true) => a.interrupt.signal_queue(0),
+                                Ok(false) => {}
+                                Err(e) => {
+                                    a.interrupt.fail_device(&e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     let _ = q.notify.read();
-                    let served = chain::serve_some(&mut q.queue, &a.memory, |p| {
+                    let served = chain::serve_some(&mut q.queue, mem, |p| {
                         if let Some(l) = &mut limiter {
                             if !l.consume(request_bytes(&p)) {
                                 disk.counters.add(counter::THROTTLED, 1);
-                                return None;
+                                return Taken::Declined;
                             }
                         }
-                        Some(handle(&mut disk, &a.memory, p))
+                        match &mut in_flight {
+                            Some(f) => f.take(&mut disk, mem, p),
+                            None => Taken::Used(handle(&mut disk, mem, p)),
+                        }
                     });
-                    let stalled = match served {
-                        Ok(s) => {
+                    let submitted = match &mut in_flight {
+                        Some(f) => f.uring.submit(),
+                        None => Ok(()),
+                    };
+                    let stalled = match (served, submitted) {
+                        (Ok(s), Ok(())) => {
                             if s.notify {
                                 a.interrupt.signal_queue(0);
                             }
                             s.stalled
                         }
-                        Err(e) => {
+                        (Err(e), _) => {
                             // NEEDS_RESET: serve nothing more until the driver resets us.
                             a.interrupt.fail_device(&e.to_string());
                             break;
                         }
+                        (_, Err(e)) => {
+                            a.interrupt
+                                .fail_device(&format!("submitting to io_uring: {e}"));
+                            break;
+                        }
                     };
-                    // A throttled queue waits for its timer, not for the driver.
+                    // A throttled queue waits for its timer, not for the driver. With
+                    // requests in flight their completions wake the thread, so it sleeps.
                     let idle_since = Instant::now();
+                    let busy = in_flight.as_ref().is_some_and(|f| f.count > 0);
                     let more = !stalled
+                        && !busy
                         && !poll.window().is_zero()
-                        && chain::spin_for_more(&mut q.queue, &a.memory, |ready| poll.spin(ready));
+                        && chain::spin_for_more(&mut q.queue, mem, |ready| poll.spin(ready));
                     let wake = if more {
                         events.ready_now()
                     } else {
                         let wake = events.wait();
-                        poll.slept(idle_since.elapsed());
+                        if !busy {
+                            poll.slept(idle_since.elapsed());
+                        }
                         wake
                     };
                     match wake {
-                        // Stopping here, between passes, leaves nothing in flight.
+                        // Stopping here, between passes, with what was in flight finished
+                        // and in the used ring, leaves nothing in flight.
                         Wake::Stop => {
+                            if let Some(f) = &mut in_flight {
+                                f.drain(&disk, mem, &mut used);
+                                if give_back(&mut q.queue, mem, &mut used) == Ok(true) {
+                                    a.interrupt.signal_queue(0);
+                                }
+                            }
                             return Parked {
                                 backend: disk,
                                 queues: vec![q.queue],
-                            }
+                            };
                         }
                         Wake::Ready(t) => tokens = t,
                     }
                 }
+            }
+            // Broken: nothing more reaches the rings, but nothing may stay in flight
+            // either once the transport takes the queue back.
+            if let Some(f) = &mut in_flight {
+                f.drain(&disk, mem, &mut used);
             }
             // Keep the disk until the transport stops us, so a reset can reuse it.
             events.idle_until_stop();
@@ -473,6 +547,23 @@ impl Block {
     }
 }
 
+/// Returns the chains finished in flight to the driver; says whether it wants an
+/// interrupt for them.
+fn give_back(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    used: &mut Vec<(u16, u32)>,
+) -> Result<bool, chain::QueueBroken> {
+    if used.is_empty() {
+        return Ok(false);
+    }
+    let since = queue.next_used();
+    let published = chain::complete_together(queue, mem, used);
+    used.clear();
+    published?;
+    chain::wants_interrupt(queue, mem, since)
+}
+
 /// What a request costs against a byte limit: the data it moves, header and status aside.
 fn request_bytes(p: &Popped) -> u64 {
     p.chain.as_ref().map_or(0, |c| {
@@ -493,23 +584,75 @@ pub fn serve_queue(
 
 /// Serves one request and returns the number of bytes written into its buffers.
 fn handle(disk: &mut Disk, mem: &GuestMemory, p: Popped) -> u32 {
-    let chain = match p.chain {
+    let Some((chain, status_at)) = usable(disk, p.chain) else {
+        return 0;
+    };
+    let (kind, plan) = plan(disk, mem, &chain, status_at);
+    let (status, data_written) = match plan {
+        Plan::Done(status, n) => (status, n),
+        Plan::Transfer(mut t) => (run_transfer(disk, mem, &chain, &mut t), t.written()),
+        // SAFETY: fdatasync on a descriptor we own; no memory is involved.
+        Plan::Flush => match unsafe { libc::fdatasync(disk.file.as_raw_fd()) } {
+            0 => (S_OK, 0),
+            _ => (S_IOERR, 0),
+        },
+    };
+    finish(disk, mem, &chain, status_at, kind, status, data_written)
+}
+
+/// The chain and the offset of its status byte, or `None` for a chain the device cannot
+/// even answer (malformed, or without a status byte), which goes back with nothing written.
+fn usable(disk: &Disk, chain: Result<Chain, chain::ChainError>) -> Option<(Chain, u64)> {
+    let chain = match chain {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!("virtio-blk: bad descriptor chain: {e}");
             disk.counters.add(counter::BAD_CHAINS, 1);
-            return 0;
+            return None;
         }
     };
     // The status byte is the last writable byte; without one we cannot even say no.
     let Some(status_at) = chain.writable_len().checked_sub(1) else {
         tracing::debug!("virtio-blk: request without a status byte");
         disk.counters.add(counter::BAD_CHAINS, 1);
-        return 0;
+        return None;
     };
-    let (status, data_written) = execute(disk, mem, &chain, status_at);
+    Some((chain, status_at))
+}
+
+/// Counts a finished request, writes its status and returns the bytes written into its
+/// buffers (what the used ring reports).
+fn finish(
+    disk: &Disk,
+    mem: &GuestMemory,
+    chain: &Chain,
+    status_at: u64,
+    kind: Option<u32>,
+    status: u8,
+    data_written: u32,
+) -> u32 {
+    let c = &disk.counters;
+    if let Some(kind) = kind {
+        match kind {
+            T_IN => c.add(counter::READS, 1),
+            T_OUT => c.add(counter::WRITES, 1),
+            T_FLUSH => c.add(counter::FLUSHES, 1),
+            T_DISCARD | T_WRITE_ZEROES => c.add(counter::DISCARDS, 1),
+            _ => c.add(counter::OTHER_REQUESTS, 1),
+        }
+        if status == S_OK {
+            match kind {
+                T_IN => c.add(counter::READ_BYTES, u64::from(data_written)),
+                T_OUT => c.add(
+                    counter::WRITE_BYTES,
+                    chain.readable_len().saturating_sub(HEADER_LEN),
+                ),
+                _ => {}
+            }
+        }
+    }
     if status != S_OK {
-        disk.counters.add(counter::ERRORS, 1);
+        c.add(counter::ERRORS, 1);
     }
     if chain.write_byte_at(mem, status_at, status).is_err() {
         return 0;
@@ -517,11 +660,67 @@ fn handle(disk: &mut Disk, mem: &GuestMemory, p: Popped) -> u32 {
     data_written + 1
 }
 
-/// Runs the request; returns its status and how many data bytes went to the guest.
-fn execute(disk: &mut Disk, mem: &GuestMemory, chain: &Chain, status_at: u64) -> (u8, u32) {
+/// What a request still needs from the file once its header has been checked.
+enum Plan {
+    /// Nothing: it is finished (or refused), with this status and data bytes written.
+    Done(u8, u32),
+    Transfer(Transfer),
+    Flush,
+}
+
+/// A read or write between the file and the request's buffers, as far as it has got.
+struct Transfer {
+    write: bool,
+    /// Where in the file what is left starts.
+    offset: u64,
+    /// The whole payload, and what is left of it.
+    len: u64,
+    left: u64,
+    /// The guest buffers of what is left.
+    iov: chain::IoVecs,
+}
+
+impl Transfer {
+    /// Data bytes written into the guest's buffers once it is done.
+    fn written(&self) -> u32 {
+        if self.write {
+            0
+        } else {
+            self.len as u32
+        }
+    }
+
+    /// Drops the first `n` bytes, done.
+    fn advance(&mut self, n: u64) {
+        self.offset += n;
+        self.left -= n;
+        advance_iovecs(&mut self.iov, n as usize);
+    }
+}
+
+/// Drops the first `n` bytes from `iov`.
+fn advance_iovecs(iov: &mut chain::IoVecs, mut n: usize) {
+    let whole = iov.iter().take_while(|v| {
+        let take = n >= v.iov_len;
+        if take {
+            n -= v.iov_len;
+        }
+        take
+    });
+    let whole = whole.count();
+    iov.drain(..whole);
+    if let Some(v) = iov.first_mut() {
+        v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+        v.iov_len -= n;
+    }
+}
+
+/// Reads and checks the request's header: its type (`None` if the header is unreadable)
+/// and what is left to do.
+fn plan(disk: &Disk, mem: &GuestMemory, chain: &Chain, status_at: u64) -> (Option<u32>, Plan) {
     let mut header = [0u8; HEADER_LEN as usize];
     if chain.read_at(mem, 0, &mut header).is_err() {
-        return (S_IOERR, 0);
+        return (None, Plan::Done(S_IOERR, 0));
     }
     let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
@@ -536,48 +735,52 @@ fn execute(disk: &mut Disk, mem: &GuestMemory, chain: &Chain, status_at: u64) ->
     };
     if misdirected {
         tracing::debug!(kind, "virtio-blk: payload buffer in the wrong direction");
-        return (S_IOERR, 0);
+        return (Some(kind), Plan::Done(S_IOERR, 0));
     }
-    let result = match kind {
-        T_IN => read(disk, mem, chain, sector, status_at).map(|n| n as u32),
-        T_OUT if disk.readonly => Err(S_IOERR),
-        T_OUT => write(disk, mem, chain, sector, out_len).map(|_| 0),
-        T_FLUSH if disk.readonly => Ok(0),
-        // SAFETY: fdatasync on a descriptor we own; no memory is involved.
-        T_FLUSH => match unsafe { libc::fdatasync(disk.file.as_raw_fd()) } {
-            0 => Ok(0),
-            _ => Err(S_IOERR),
-        },
+    let transfer = |write: bool, len: u64| -> Plan {
+        let iov = byte_range(disk, sector, len).and_then(|offset| {
+            let iov = if write {
+                chain.readable_iovecs(mem, HEADER_LEN, len)
+            } else {
+                chain.writable_iovecs(mem, 0, len)
+            };
+            iov.map(|iov| (offset, iov)).map_err(|_| S_IOERR)
+        });
+        match iov {
+            Ok((offset, iov)) => Plan::Transfer(Transfer {
+                write,
+                offset,
+                len,
+                left: len,
+                iov,
+            }),
+            Err(status) => Plan::Done(status, 0),
+        }
+    };
+    let done = |r: Result<u32, u8>| match r {
+        Ok(n) => Plan::Done(S_OK, n),
+        Err(status) => Plan::Done(status, 0),
+    };
+    let plan = match kind {
+        T_IN => transfer(false, status_at),
+        T_OUT if disk.readonly => Plan::Done(S_IOERR, 0),
+        T_OUT => transfer(true, out_len),
+        T_FLUSH if disk.readonly => Plan::Done(S_OK, 0),
+        T_FLUSH => Plan::Flush,
         T_GET_ID => {
             let n = status_at.min(SERIAL_LEN as u64) as usize;
-            chain
-                .write_at(mem, 0, &disk.serial[..n])
-                .map(|_| n as u32)
-                .map_err(|_| S_IOERR)
+            done(
+                chain
+                    .write_at(mem, 0, &disk.serial[..n])
+                    .map(|_| n as u32)
+                    .map_err(|_| S_IOERR),
+            )
         }
-        T_DISCARD | T_WRITE_ZEROES if disk.readonly => Err(S_IOERR),
-        T_DISCARD | T_WRITE_ZEROES => discard(disk, mem, chain, kind, out_len).map(|_| 0),
-        _ => Err(S_UNSUPP),
+        T_DISCARD | T_WRITE_ZEROES if disk.readonly => Plan::Done(S_IOERR, 0),
+        T_DISCARD | T_WRITE_ZEROES => done(discard(disk, mem, chain, kind, out_len).map(|_| 0)),
+        _ => Plan::Done(S_UNSUPP, 0),
     };
-    let c = &disk.counters;
-    match kind {
-        T_IN => c.add(counter::READS, 1),
-        T_OUT => c.add(counter::WRITES, 1),
-        T_FLUSH => c.add(counter::FLUSHES, 1),
-        T_DISCARD | T_WRITE_ZEROES => c.add(counter::DISCARDS, 1),
-        _ => c.add(counter::OTHER_REQUESTS, 1),
-    }
-    match result {
-        Ok(n) => {
-            match kind {
-                T_IN => c.add(counter::READ_BYTES, u64::from(n)),
-                T_OUT => c.add(counter::WRITE_BYTES, out_len),
-                _ => {}
-            }
-            (S_OK, n)
-        }
-        Err(status) => (status, 0),
-    }
+    (Some(kind), plan)
 }
 
 /// The byte offset of `sectors` sectors at `sector`, if they lie inside the disk.
@@ -591,34 +794,238 @@ fn byte_range(disk: &Disk, sector: u64, bytes: u64) -> Result<u64, u8> {
     }
 }
 
-fn read(disk: &Disk, mem: &GuestMemory, chain: &Chain, sector: u64, len: u64) -> Result<u64, u8> {
-    let offset = byte_range(disk, sector, len)?;
-    let mut iov = chain.writable_iovecs(mem, 0, len).map_err(|_| S_IOERR)?;
-    match transfer(&disk.file, &mut iov, offset, Direction::Read) {
-        Ok(()) => Ok(len),
+/// Does what is left of `t` on the calling thread; returns the request's status.
+fn run_transfer(disk: &Disk, mem: &GuestMemory, chain: &Chain, t: &mut Transfer) -> u8 {
+    let dir = if t.write {
+        Direction::Write
+    } else {
+        Direction::Read
+    };
+    match transfer(&disk.file, &mut t.iov, t.offset, dir) {
+        Ok(()) => S_OK,
         Err(e) if disk.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-            bounce_read(disk, mem, chain, offset, len).map(|_| len)
+            // The host's O_DIRECT alignment rules refuse the guest's buffers: go through
+            // an aligned buffer, from the start of the request.
+            let bounced = if t.write {
+                bounce_write(disk, mem, chain, t.offset + t.left - t.len, t.len)
+            } else {
+                bounce_read(disk, mem, chain, t.offset + t.left - t.len, t.len)
+            };
+            bounced.map_or_else(|status| status, |()| S_OK)
         }
         Err(e) => {
-            tracing::debug!("virtio-blk: read at {offset}: {e}");
-            Err(S_IOERR)
+            tracing::debug!("virtio-blk: {} at {}: {e}", dir.name(), t.offset);
+            S_IOERR
         }
     }
 }
 
-fn write(disk: &Disk, mem: &GuestMemory, chain: &Chain, sector: u64, len: u64) -> Result<(), u8> {
-    let offset = byte_range(disk, sector, len)?;
-    let mut iov = chain
-        .readable_iovecs(mem, HEADER_LEN, len)
-        .map_err(|_| S_IOERR)?;
-    match transfer(&disk.file, &mut iov, offset, Direction::Write) {
-        Ok(()) => Ok(()),
-        Err(e) if disk.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-            bounce_write(disk, mem, chain, offset, len)
+/// Requests started through io_uring and not finished yet, by the head of their chain
+/// (which the driver cannot offer again until the device returns it).
+struct InFlight {
+    uring: Uring,
+    slots: Box<[Option<Started>]>,
+    count: usize,
+    /// The file answers page-cache hits at once under `RWF_NOWAIT`. tmpfs refuses the flag
+    /// (EOPNOTSUPP); its reads never wait for a device, so they are served in place.
+    nowait_reads: bool,
+}
+
+struct Started {
+    chain: Chain,
+    status_at: u64,
+    kind: u32,
+    work: Option<Transfer>,
+}
+
+impl InFlight {
+    /// A ring for `disk`, or `None` (with the reason logged) to serve it synchronously.
+    fn new(disk: &Disk, name: &str) -> Option<InFlight> {
+        if disk.aio == Aio::Sync {
+            return None;
         }
-        Err(e) => {
-            tracing::debug!("virtio-blk: write at {offset}: {e}");
-            Err(S_IOERR)
+        match Uring::new(disk.file.as_raw_fd(), u32::from(QUEUE_SIZE)) {
+            Ok(uring) => Some(InFlight {
+                uring,
+                slots: (0..QUEUE_SIZE).map(|_| None).collect(),
+                count: 0,
+                nowait_reads: true,
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    "virtio-blk {name}: io_uring unavailable ({e}); serving one request at a time"
+                );
+                None
+            }
+        }
+    }
+
+    /// Serves a request, or starts it and leaves it in flight.
+    fn take(&mut self, disk: &mut Disk, mem: &GuestMemory, p: Popped) -> Taken {
+        let head = p.head;
+        let Some((chain, status_at)) = usable(disk, p.chain) else {
+            return Taken::Used(0);
+        };
+        if self.slots[usize::from(head)].is_some() {
+            // The driver offered a chain that is still in flight: a broken driver. Leave
+            // the request in flight alone and give this one back untouched.
+            tracing::debug!(head, "virtio-blk: chain offered again while in flight");
+            disk.counters.add(counter::BAD_CHAINS, 1);
+            return Taken::Used(0);
+        }
+        let (kind, plan) = plan(disk, mem, &chain, status_at);
+        let work = match plan {
+            Plan::Done(status, n) => {
+                return Taken::Used(finish(disk, mem, &chain, status_at, kind, status, n))
+            }
+            Plan::Flush => None,
+            Plan::Transfer(mut t) => {
+                if !self.must_wait(disk, &mut t) {
+                    let status = run_transfer(disk, mem, &chain, &mut t);
+                    let n = t.written();
+                    return Taken::Used(finish(disk, mem, &chain, status_at, kind, status, n));
+                }
+                Some(t)
+            }
+        };
+        let slot = self.slots[usize::from(head)].insert(Started {
+            chain,
+            status_at,
+            kind: kind.unwrap_or(T_FLUSH),
+            work,
+        });
+        let pushed = match &slot.work {
+            // SAFETY: the iovecs live in the slot and point into guest RAM, which stays
+            // mapped while the device runs; the slot is emptied only once the completion is
+            // reaped, and the device thread waits for every completion before it stops.
+            Some(t) => unsafe {
+                self.uring
+                    .push_transfer(t.write, &t.iov, t.offset, u64::from(head))
+            },
+            None => self.uring.push_fdatasync(u64::from(head)),
+        };
+        match pushed {
+            Ok(()) => {
+                self.count += 1;
+                Taken::Pending
+            }
+            Err(e) => {
+                tracing::warn!("virtio-blk: io_uring refused a request: {e}");
+                let s = self.slots[usize::from(head)].take().expect("just filled");
+                Taken::Used(finish(disk, mem, &s.chain, s.status_at, kind, S_IOERR, 0))
+            }
+        }
+    }
+
+    /// Whether a transfer can wait on the storage, and so goes to the ring. A buffered read
+    /// the page cache holds is done here at once (`RWF_NOWAIT`; part of it, perhaps, the
+    /// rest then goes to the ring); a buffered write lands in the page cache, so it is done
+    /// here too.
+    fn must_wait(&mut self, disk: &Disk, t: &mut Transfer) -> bool {
+        if t.iov.len() > IOV_MAX {
+            return false; // more than one readv takes: served in pieces, synchronously
+        }
+        if disk.direct {
+            return true;
+        }
+        if t.write || !self.nowait_reads {
+            return false;
+        }
+        // SAFETY: the iovecs point into guest RAM, mapped while the device runs.
+        let n = unsafe {
+            libc::preadv2(
+                disk.file.as_raw_fd(),
+                t.iov.as_ptr(),
+                t.iov.len() as i32,
+                t.offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        match n {
+            n if n > 0 => {
+                t.advance(n as u64);
+                t.left > 0
+            }
+            0 => false, // the end of the file: the synchronous path reports it
+            _ => match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => true,
+                Some(libc::EOPNOTSUPP) => {
+                    self.nowait_reads = false;
+                    false
+                }
+                _ => false, // the synchronous path retries and reports it
+            },
+        }
+    }
+
+    /// Finishes what the ring has completed; returns the chains to give back.
+    fn reap(&mut self, disk: &Disk, mem: &GuestMemory, used: &mut Vec<(u16, u32)>) {
+        let slots = &mut self.slots;
+        let count = &mut self.count;
+        let mut resubmit = Vec::new();
+        self.uring.reap(|tag, result| {
+            let head = tag as u16;
+            let Some(s) = slots.get_mut(usize::from(head)).and_then(|s| s.as_mut()) else {
+                return;
+            };
+            let status = match (&mut s.work, result) {
+                (None, 0) => S_OK,
+                (Some(t), n) if n > 0 => {
+                    t.advance(n as u64);
+                    if t.left > 0 {
+                        // A short transfer: the rest goes back to the ring.
+                        resubmit.push(head);
+                        return;
+                    }
+                    S_OK
+                }
+                (Some(t), e) if disk.direct && e == -libc::EINVAL => {
+                    run_transfer(disk, mem, &s.chain, t)
+                }
+                (_, e) => {
+                    tracing::debug!(
+                        "virtio-blk: {} failed: {}",
+                        s.work
+                            .as_ref()
+                            .map_or("flush", |t| if t.write { "write" } else { "read" }),
+                        io::Error::from_raw_os_error(-e)
+                    );
+                    S_IOERR
+                }
+            };
+            let s = slots[usize::from(head)].take().expect("checked above");
+            *count -= 1;
+            let n = s.work.as_ref().map_or(0, Transfer::written);
+            let written = finish(disk, mem, &s.chain, s.status_at, Some(s.kind), status, n);
+            used.push((head, written));
+        });
+        for head in resubmit {
+            let s = self.slots[usize::from(head)].as_ref().expect("in flight");
+            let t = s.work.as_ref().expect("a transfer");
+            // SAFETY: as when it was first pushed.
+            let pushed = unsafe {
+                self.uring
+                    .push_transfer(t.write, &t.iov, t.offset, u64::from(head))
+            };
+            if pushed.is_err() {
+                let s = self.slots[usize::from(head)].take().expect("in flight");
+                self.count -= 1;
+                let written = finish(disk, mem, &s.chain, s.status_at, Some(s.kind), S_IOERR, 0);
+                used.push((head, written));
+            }
+        }
+    }
+
+    /// Waits for everything in flight and finishes it.
+    fn drain(&mut self, disk: &Disk, mem: &GuestMemory, used: &mut Vec<(u16, u32)>) {
+        while self.count > 0 {
+            if let Err(e) = self.uring.wait() {
+                // Nothing else can be done with requests the kernel still holds; they
+                // complete (or not) with the file, which the device keeps.
+                tracing::error!("virtio-blk: waiting for requests in flight: {e}");
+                return;
+            }
+            self.reap(disk, mem, used);
         }
     }
 }
@@ -627,6 +1034,15 @@ fn write(disk: &Disk, mem: &GuestMemory, chain: &Chain, sector: u64, len: u64) -
 enum Direction {
     Read,
     Write,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Read => "read",
+            Direction::Write => "write",
+        }
+    }
 }
 
 /// Moves every byte the iovecs describe, resuming after short transfers (which consume
@@ -878,6 +1294,7 @@ mod tests {
             direct: false,
             limits: Limits::default(),
             poll: std::time::Duration::ZERO,
+            aio: Default::default(),
         })
         .unwrap();
         TestDisk { disk, path }
@@ -887,6 +1304,46 @@ mod tests {
     /// device-writable) and returns the status byte and the used length.
     fn request(d: &mut TestDisk, kind: u32, data: &[(u64, u32, bool)]) -> (u8, u32) {
         let mem = memory();
+        let popped = write_request(&mem, kind, data);
+        let len = handle(&mut d.disk, &mem, popped);
+        (mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+    }
+
+    /// The same through io_uring: the status, the used length, whether it was left in
+    /// flight, and the first 512 bytes at DATA afterwards (None where this host refuses
+    /// io_uring).
+    fn request_in_flight(
+        d: &mut TestDisk,
+        kind: u32,
+        data: &[(u64, u32, bool)],
+    ) -> Option<(u8, u32, bool, [u8; 512])> {
+        let mem = memory();
+        let mut f = InFlight::new(&d.disk, "test")?;
+        let popped = write_request(&mem, kind, data);
+        let (len, pending) = match f.take(&mut d.disk, &mem, popped) {
+            Taken::Used(len) => (len, false),
+            Taken::Pending => {
+                f.uring.submit().unwrap();
+                let mut used = Vec::new();
+                f.drain(&d.disk, &mem, &mut used);
+                assert_eq!(used.len(), 1);
+                assert_eq!(used[0].0, 7);
+                (used[0].1, true)
+            }
+            Taken::Declined => unreachable!(),
+        };
+        assert_eq!(f.count, 0);
+        let mut at_data = [0u8; 512];
+        mem.read_slice(&mut at_data, GuestAddress(DATA)).unwrap();
+        Some((
+            mem.read_obj(GuestAddress(STATUS)).unwrap(),
+            len,
+            pending,
+            at_data,
+        ))
+    }
+
+    fn write_request(mem: &GuestMemory, kind: u32, data: &[(u64, u32, bool)]) -> Popped {
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&kind.to_le_bytes());
         header[8..16].copy_from_slice(&1u64.to_le_bytes());
@@ -894,20 +1351,132 @@ mod tests {
         mem.write_slice(&[0xEE; 512], GuestAddress(DATA)).unwrap();
         mem.write_obj(0xFFu8, GuestAddress(STATUS)).unwrap();
         let mut chain = Chain::default();
-        chain.push(&mem, HDR, 16, false).unwrap();
+        chain.push(mem, HDR, 16, false).unwrap();
         for &(addr, len, writable) in data {
-            chain.push(&mem, addr, len, writable).unwrap();
+            chain.push(mem, addr, len, writable).unwrap();
         }
-        chain.push(&mem, STATUS, 1, true).unwrap();
-        let len = handle(
-            &mut d.disk,
-            &mem,
-            Popped {
-                head: 0,
-                chain: Ok(chain),
-            },
+        chain.push(mem, STATUS, 1, true).unwrap();
+        Popped {
+            head: 7,
+            chain: Ok(chain),
+        }
+    }
+
+    fn sector_1(d: &TestDisk) -> [u8; 512] {
+        use std::os::unix::fs::FileExt;
+        let mut back = [0u8; 512];
+        d.disk.file.read_exact_at(&mut back, 512).unwrap();
+        back
+    }
+
+    fn open_direct(path: &Path) -> Disk {
+        Disk::open(&DiskOptions {
+            path: path.to_path_buf(),
+            readonly: false,
+            serial: None,
+            direct: true,
+            limits: Limits::default(),
+            poll: std::time::Duration::ZERO,
+            aio: Aio::IoUring,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn requests_through_io_uring_end_as_served_ones() {
+        let mut d = disk("uring", false);
+        let Some(r) = request_in_flight(&mut d, T_IN, &[(DATA, 512, true)]) else {
+            eprintln!("skipped: this host refuses io_uring");
+            return;
+        };
+        // Freshly written, so in the page cache: served at once.
+        assert_eq!(r, (S_OK, 513, false, [1u8; 512]));
+        let status = |r: Option<(u8, u32, bool, [u8; 512])>| r.map(|(s, n, p, _)| (s, n, p));
+        assert_eq!(
+            status(request_in_flight(&mut d, T_FLUSH, &[])),
+            Some((S_OK, 1, true))
         );
-        (mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+        assert_eq!(
+            status(request_in_flight(&mut d, T_GET_ID, &[(DATA, 20, true)])),
+            Some((S_OK, 21, false))
+        );
+        assert_eq!(
+            status(request_in_flight(&mut d, T_IN, &[(DATA, 512, false)])),
+            Some((S_IOERR, 1, false))
+        );
+        // Past the end of the disk: refused before any I/O.
+        let mem = memory();
+        let mut f = InFlight::new(&d.disk, "test").unwrap();
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&T_IN.to_le_bytes());
+        header[8..16].copy_from_slice(&8u64.to_le_bytes());
+        let mut popped = write_request(&mem, T_IN, &[(DATA, 512, true)]);
+        mem.write_slice(&header, GuestAddress(HDR)).unwrap();
+        popped.head = 3;
+        assert_eq!(f.take(&mut d.disk, &mem, popped), Taken::Used(1));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_IOERR);
+        drop(f);
+
+        // O_DIRECT: reads and writes go to the ring and land in the file. (The image is
+        // locked while open: let go of it first.)
+        d.disk.file = std::fs::File::open("/dev/null").unwrap();
+        d.disk = open_direct(&d.path);
+        let r = request_in_flight(&mut d, T_IN, &[(DATA, 512, true)]).unwrap();
+        assert_eq!(r, (S_OK, 513, true, [1u8; 512]));
+        let r = request_in_flight(&mut d, T_OUT, &[(DATA, 512, false)]).unwrap();
+        assert_eq!(status(Some(r)), Some((S_OK, 1, true)));
+        assert_eq!(sector_1(&d), [0xEE; 512]);
+    }
+
+    #[test]
+    fn a_read_the_page_cache_cannot_answer_goes_to_the_ring() {
+        let mut d = disk("uncached", false);
+        let mem = memory();
+        let Some(mut f) = InFlight::new(&d.disk, "test") else {
+            eprintln!("skipped: this host refuses io_uring");
+            return;
+        };
+        let fd = d.disk.file.as_raw_fd();
+        // SAFETY: plain calls on a descriptor we own; no memory is involved.
+        unsafe {
+            assert_eq!(libc::fdatasync(fd), 0);
+            assert_eq!(libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED), 0);
+        }
+        let popped = write_request(&mem, T_IN, &[(DATA, 512, true)]);
+        let taken = f.take(&mut d.disk, &mem, popped);
+        if !f.nowait_reads {
+            eprintln!("skipped: this file system serves every read at once (tmpfs)");
+            return;
+        }
+        assert_eq!(taken, Taken::Pending);
+        assert_eq!(f.count, 1);
+        f.uring.submit().unwrap();
+        let mut used = Vec::new();
+        f.drain(&d.disk, &mem, &mut used);
+        assert_eq!(used, vec![(7, 513)]);
+        let mut data = [0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [1u8; 512]);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    }
+
+    #[test]
+    fn a_chain_offered_again_while_in_flight_is_given_back_untouched() {
+        let mut d = disk("twice", false);
+        let mem = memory();
+        let Some(mut f) = InFlight::new(&d.disk, "test") else {
+            eprintln!("skipped: this host refuses io_uring");
+            return;
+        };
+        let flush = write_request(&mem, T_FLUSH, &[]);
+        assert_eq!(f.take(&mut d.disk, &mem, flush), Taken::Pending);
+        let again = write_request(&mem, T_OUT, &[(DATA, 512, false)]);
+        assert_eq!(f.take(&mut d.disk, &mem, again), Taken::Used(0));
+        assert_eq!(sector_1(&d), [1u8; 512]);
+        f.uring.submit().unwrap();
+        let mut used = Vec::new();
+        f.drain(&d.disk, &mem, &mut used);
+        assert_eq!(used, vec![(7, 1)]);
     }
 
     #[test]

@@ -134,7 +134,18 @@ pub fn serve_all(
     mem: &GuestMemory,
     mut handle: impl FnMut(Popped) -> u32,
 ) -> Result<bool, QueueBroken> {
-    serve_some(queue, mem, |p| Some(handle(p))).map(|s| s.notify)
+    serve_some(queue, mem, |p| Taken::Used(handle(p))).map(|s| s.notify)
+}
+
+/// What a device's handler did with a chain [`serve_some`] gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Served: return it to the driver with this many bytes written.
+    Used(u32),
+    /// Started: the device returns it itself when it finishes ([`complete_together`]).
+    Pending,
+    /// Not now (a device waiting for a rate limit): it goes back on the available ring.
+    Declined,
 }
 
 /// The result of [`serve_some`].
@@ -146,14 +157,15 @@ pub struct Served {
     pub stalled: bool,
 }
 
-/// Like [`serve_all`], but `handle` may decline a chain by returning `None` (a device
-/// waiting for a rate limit): the chain goes back on the available ring and serving stops
-/// until the device calls again. Driver notifications stay off while stalled; the device
-/// has its own wake-up.
+/// Like [`serve_all`], but `handle` may also keep a chain to finish later
+/// ([`Taken::Pending`]), or decline it ([`Taken::Declined`], a device waiting for a rate
+/// limit): the chain goes back on the available ring and serving stops until the device
+/// calls again. Driver notifications stay off while stalled; the device has its own
+/// wake-up.
 pub fn serve_some(
     queue: &mut Queue,
     mem: &GuestMemory,
-    mut handle: impl FnMut(Popped) -> Option<u32>,
+    mut handle: impl FnMut(Popped) -> Taken,
 ) -> Result<Served, QueueBroken> {
     let since = queue.next_used();
     let mut done: SmallVec<[(u16, u32); USED_BATCH]> = SmallVec::new();
@@ -173,10 +185,14 @@ pub fn serve_some(
                 }
             };
             let head = p.head;
-            let Some(len) = handle(p) else {
-                unpop(queue);
-                stalled = true;
-                break 'serve;
+            let len = match handle(p) {
+                Taken::Used(len) => len,
+                Taken::Pending => continue,
+                Taken::Declined => {
+                    unpop(queue);
+                    stalled = true;
+                    break 'serve;
+                }
             };
             done.push((head, len));
             if done.len() == USED_BATCH {
@@ -774,7 +790,7 @@ pub(crate) mod tests {
         // More chains than one batch of used entries, and not a multiple of it.
         let n = 2 * USED_BATCH as u16 + 5;
         let (mut q, used) = offer_many(&mem, n, false);
-        let served = serve_some(&mut q, &mem, |p| Some(u32::from(p.head) + 100)).unwrap();
+        let served = serve_some(&mut q, &mem, |p| Taken::Used(u32::from(p.head) + 100)).unwrap();
         assert_eq!(
             served,
             Served {
@@ -799,7 +815,7 @@ pub(crate) mod tests {
         let ring = q.avail_ring() + 4;
         mem.write_obj(64u16.to_le(), GuestAddress(ring + 4))
             .unwrap();
-        let broken = serve_some(&mut q, &mem, |_| Some(1));
+        let broken = serve_some(&mut q, &mem, |_| Taken::Used(1));
         assert_eq!(broken, Err(QueueBroken::HeadIndex { head: 64, size: 64 }));
         assert_eq!(mem.read_obj::<u16>(used.unchecked_add(2)).unwrap(), 2);
     }
@@ -808,7 +824,14 @@ pub(crate) mod tests {
     fn a_declined_chain_stays_offered_and_those_before_it_are_used() {
         let mem = memory();
         let (mut q, used) = offer_many(&mem, 30, false);
-        let served = serve_some(&mut q, &mem, |p| (p.head < 20).then_some(1)).unwrap();
+        let served = serve_some(&mut q, &mem, |p| {
+            if p.head < 20 {
+                Taken::Used(1)
+            } else {
+                Taken::Declined
+            }
+        })
+        .unwrap();
         assert_eq!(
             served,
             Served {
@@ -821,7 +844,7 @@ pub(crate) mod tests {
         // Declining the very first chain uses nothing and asks for no interrupt.
         let mem = memory();
         let (mut q, used) = offer_many(&mem, 3, false);
-        let served = serve_some(&mut q, &mem, |_| None).unwrap();
+        let served = serve_some(&mut q, &mem, |_| Taken::Declined).unwrap();
         assert_eq!(
             served,
             Served {
@@ -839,11 +862,11 @@ pub(crate) mod tests {
         let used_event_at = |q: &Queue| GuestAddress(q.avail_ring() + 4 + 2 * 64);
         let (mut q, _) = offer_many(&mem, 10, true);
         mem.write_obj(4u16.to_le(), used_event_at(&q)).unwrap();
-        let served = serve_some(&mut q, &mem, |_| Some(0)).unwrap();
+        let served = serve_some(&mut q, &mem, |_| Taken::Used(0)).unwrap();
         assert!(served.notify, "used_event 4 lies in 0..10");
         let (mut q, _) = offer_many(&mem, 10, true);
         mem.write_obj(10u16.to_le(), used_event_at(&q)).unwrap();
-        let served = serve_some(&mut q, &mem, |_| Some(0)).unwrap();
+        let served = serve_some(&mut q, &mem, |_| Taken::Used(0)).unwrap();
         assert!(!served.notify, "used_event 10 is not reached by 0..10");
     }
 
@@ -852,7 +875,7 @@ pub(crate) mod tests {
         for event_idx in [false, true] {
             let mem = memory();
             let (mut q, used) = offer_many(&mem, 2, event_idx);
-            serve_some(&mut q, &mem, |_| Some(0)).unwrap();
+            serve_some(&mut q, &mem, |_| Taken::Used(0)).unwrap();
             let flags = |mem: &GuestMemory| mem.read_obj::<u16>(used).unwrap();
             let avail_event = used.unchecked_add(4 + 8 * 64);
             let event = |mem: &GuestMemory| mem.read_obj::<u16>(avail_event).unwrap();
@@ -877,7 +900,7 @@ pub(crate) mod tests {
     fn a_chain_offered_while_spinning_is_found() {
         let mem = memory();
         let (mut q, _) = offer_many(&mem, 2, true);
-        serve_some(&mut q, &mem, |_| Some(0)).unwrap();
+        serve_some(&mut q, &mem, |_| Taken::Used(0)).unwrap();
         let avail_idx = GuestAddress(q.avail_ring() + 2);
         // Offered during the spin and seen by it.
         let found = spin_for_more(&mut q, &mem, |ready| {
@@ -886,7 +909,7 @@ pub(crate) mod tests {
         });
         assert!(found);
         // Offered as the spin gave up: re-enabling notifications still sees it.
-        serve_some(&mut q, &mem, |_| Some(0)).unwrap();
+        serve_some(&mut q, &mem, |_| Taken::Used(0)).unwrap();
         let found = spin_for_more(&mut q, &mem, |_| {
             mem.write_obj(4u16.to_le(), avail_idx).unwrap();
             false

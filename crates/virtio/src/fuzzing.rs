@@ -71,6 +71,7 @@ fn disk() -> &'static Mutex<Disk> {
             direct: false,
             limits: Limits::default(),
             poll: std::time::Duration::ZERO,
+            aio: crate::block::Aio::Sync,
         })
         .expect("opening the fuzz disk");
         // The open descriptor keeps the file; the name can go.

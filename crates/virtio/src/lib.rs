@@ -9,7 +9,8 @@
 //!   inside guest RAM, chains terminated, readable before writable.
 //! - [`worker`]: each active device runs its queues on its own thread, woken by the
 //!   queue eventfds and its backend's file descriptors through epoll.
-//! - Devices: [`block`], [`net`] (over a [`tap`]), [`rng`], [`vsock`].
+//! - Devices: [`block`] (requests in flight through [`uring`] where the host allows it),
+//!   [`net`] (over a [`tap`]), [`rng`], [`vsock`].
 //!
 //! Snapshots: [`transport::VirtioPci`] implements `vmon_state::Persist`. The transport
 //! first quiesces its device (the device thread stops between requests and hands back its
@@ -33,6 +34,7 @@ pub mod rate_limiter;
 pub mod rng;
 pub mod tap;
 pub mod transport;
+pub mod uring;
 pub mod vsock;
 pub mod worker;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 pub use crate::config_file::{CpuSpec, DiskSpec, NetSpec, VsockSpec};
 use vmon_memory::{Backing, MemSize};
-pub use vmon_virtio::block::DiskOptions;
+pub use vmon_virtio::block::{Aio, DiskOptions};
 pub use vmon_virtio::net::{MacAddr, NetOptions};
 use vmon_virtio::rate_limiter::parse_rate;
 pub use vmon_virtio::vsock::VsockOptions;
@@ -99,13 +99,13 @@ fn take_rate(slot: Option<&mut Option<u64>>, key: &str, value: &str) -> Result<b
     Ok(true)
 }
 
-/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on][,poll_us=N]` plus
+/// Parses `path=FILE[,readonly=on][,serial=ID][,direct=on][,poll_us=N][,aio=io_uring|sync]` plus
 /// [`LIMIT_KEYS`] into the spec a configuration file's `disks` entry gives; a bare `FILE`
 /// is allowed. Checks the same rules as the file, except the file system's.
 pub fn parse_disk_spec(text: &str) -> Result<DiskSpec, String> {
     let mut disk = DiskSpec::default();
     let known =
-        format!("path=FILE, readonly=on|off, serial=ID, direct=on|off, poll_us=N, {LIMIT_KEYS}");
+        format!("path=FILE, readonly=on|off, serial=ID, direct=on|off, poll_us=N, aio=io_uring|sync, {LIMIT_KEYS}");
     for_each_option(text, Some("path"), "disk", &known, |key, value| {
         match key {
             "path" => disk.path = PathBuf::from(value),
@@ -119,6 +119,7 @@ pub fn parse_disk_spec(text: &str) -> Result<DiskSpec, String> {
                 )
             }
             "serial" => disk.serial = Some(value.to_string()),
+            "aio" => disk.aio = Some(value.to_string()),
             _ => return take_rate(disk.rate_mut(key), key, value),
         }
         Ok(true)

@@ -24,7 +24,7 @@ use vmon_virtio::rate_limiter::{parse_rate, Limit, Limits};
 use vmon_virtio::tap;
 use vmon_virtio::vsock::{VsockError, MAX_CID, MAX_SOCKET_PATH};
 
-use crate::config::{DiskOptions, NetOptions, VmConfig, VsockOptions};
+use crate::config::{Aio, DiskOptions, NetOptions, VmConfig, VsockOptions};
 use crate::exit::exit_codes;
 
 /// The most vCPUs a spec may ask for; the machine then checks the host's own limit.
@@ -132,6 +132,10 @@ pub struct DiskSpec {
     /// microseconds (adaptive below it; 0 never spins). Default [`DEFAULT_DISK_POLL_US`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_us: Option<u64>,
+    /// How requests reach the file: `"io_uring"` (the default: many in flight where the
+    /// host allows it) or `"sync"` (one at a time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aio: Option<String>,
     /// Bytes per second; a number or `"10M"`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "rate")]
     pub bps: Option<u64>,
@@ -706,6 +710,16 @@ impl DiskSpec {
                 format!("{poll_us} is more than {MAX_DISK_POLL_US}"),
             ));
         }
+        let aio = match self.aio.as_deref() {
+            None | Some("io_uring") => Aio::IoUring,
+            Some("sync") => Aio::Sync,
+            Some(other) => {
+                return Err(SpecError::invalid(
+                    "aio",
+                    format!("'{other}' is neither io_uring nor sync"),
+                ))
+            }
+        };
         Ok(DiskOptions {
             path: self.path.clone(),
             readonly: self.readonly,
@@ -713,6 +727,7 @@ impl DiskSpec {
             direct: self.direct,
             limits: self.limits()?,
             poll: std::time::Duration::from_micros(poll_us),
+            aio,
         })
     }
 }

@@ -16,8 +16,16 @@
 //!
 //! Run: `cargo bench -p vmon --bench tiny_blk [-- ROUNDS] [NAME...]` (ROUNDS: repetitions
 //! of every workload, default 5; medians printed; NAMEs pick workloads whose name contains
-//! one of them). `VMON_DISK_OPTIONS=,poll_us=32` adds to vmon's `--disk`. Results are in
-//! docs/benchmarks.md. Not a test: nothing asserts a figure.
+//! one of them). `VMON_DISK_OPTIONS=,poll_us=32` adds to vmon's `--disk`.
+//!
+//! `VMON_BENCH_DIR=DIR` puts the image in DIR instead of /dev/shm, and
+//! `VMON_BENCH_DIRECT=1` has both VMMs open it with O_DIRECT (vmon `direct=on`, QEMU
+//! `cache=none`): with DIR on a real disk, that measures the storage, where what counts is
+//! how many requests a VMM keeps in flight. The host baseline then reads the file with
+//! O_DIRECT too, keeping as many requests in flight as the guest does (io_uring): what the
+//! storage itself gives at that depth.
+//!
+//! Results are in docs/benchmarks.md. Not a test: nothing asserts a figure.
 
 mod common;
 
@@ -48,12 +56,22 @@ const DATA: u64 = 0x100_0000;
 fn command(vmm: Vmm, kernel: &str, disk: &str) -> Command {
     let mut c = vmm.command(kernel);
     match vmm {
-        Vmm::Vmon => c.args(["--disk", &format!("path={disk}{}", vmon_disk_options())]),
+        Vmm::Vmon => c.args([
+            "--disk",
+            &format!(
+                "path={disk}{}{}",
+                if direct() { ",direct=on" } else { "" },
+                vmon_disk_options()
+            ),
+        ]),
         Vmm::Qemu => c
             .args(["-object", "iothread,id=io0"])
             .args([
                 "-drive",
-                &format!("file={disk},if=none,id=d0,format=raw,cache=writeback,aio=threads"),
+                &format!(
+                    "file={disk},if=none,id=d0,format=raw,cache={},aio=threads",
+                    if direct() { "none" } else { "writeback" }
+                ),
             ])
             .args([
                 "-device",
@@ -61,6 +79,11 @@ fn command(vmm: Vmm, kernel: &str, disk: &str) -> Command {
             ]),
     };
     c
+}
+
+/// `VMON_BENCH_DIRECT=1`: the image opened with O_DIRECT, by the VMMs and the host.
+fn direct() -> bool {
+    std::env::var("VMON_BENCH_DIRECT").is_ok_and(|v| v == "1")
 }
 
 /// More `--disk` options for vmon from `VMON_DISK_OPTIONS`: `,poll_us=32` gives vmon the
@@ -289,8 +312,17 @@ fn run_guest(vmm: Vmm, w: &Workload, kernel: &str, disk: &str) -> Result<Duratio
     Ok(elapsed)
 }
 
-/// The same requests from this process, on the same file.
-fn run_host(w: &Workload, file: &std::fs::File) -> Duration {
+/// The same requests from this process, on the same file: one at a time through the page
+/// cache, or with O_DIRECT as many in flight as the guest keeps.
+fn run_host(w: &Workload, path: &std::path::Path) -> Duration {
+    if direct() {
+        return run_host_in_flight(w, path);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut buffer = vec![0x5Au8; (u64::from(w.depth) * w.size) as usize];
     let batches = w.offsets();
     let mut start = Instant::now();
@@ -311,6 +343,77 @@ fn run_host(w: &Workload, file: &std::fs::File) -> Duration {
     start.elapsed()
 }
 
+/// [`run_host`] with O_DIRECT: a batch is submitted at once, and a buffer is reused only
+/// once its request is done, as the guest's driver does.
+fn run_host_in_flight(w: &Workload, path: &std::path::Path) -> Duration {
+    use io_uring::{opcode, types, IoUring};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let fd = types::Fd(file.as_raw_fd());
+    let mut ring = IoUring::new(256).unwrap();
+    let depth = usize::from(w.depth);
+    let mut storage = vec![0x5Au8; depth * w.size as usize + 4096];
+    let align = storage.as_ptr().align_offset(4096);
+    let buffers = &mut storage[align..];
+    let mut busy = vec![false; depth];
+    let mut in_flight = 0;
+    let reap = |ring: &mut IoUring, busy: &mut Vec<bool>, in_flight: &mut usize| {
+        ring.submit_and_wait(1).unwrap();
+        for c in ring.completion() {
+            assert_eq!(c.result(), w.size as i32, "a host request failed");
+            busy[c.user_data() as usize] = false;
+            *in_flight -= 1;
+        }
+    };
+    let batches = w.offsets();
+    let mut start = Instant::now();
+    for (k, offsets) in batches.iter().enumerate() {
+        if k == 1 {
+            // The warm-up batch done, as the guest waits for it before `go`.
+            while in_flight > 0 {
+                reap(&mut ring, &mut busy, &mut in_flight);
+            }
+            start = Instant::now();
+        }
+        let first = usize::from(w.first_chain(k));
+        for (slot, &offset) in (first..).zip(offsets) {
+            while busy[slot] {
+                reap(&mut ring, &mut busy, &mut in_flight);
+            }
+            let buf = buffers[slot * w.size as usize..].as_mut_ptr();
+            let entry = if w.write {
+                opcode::Write::new(fd, buf, w.size as u32)
+                    .offset(offset)
+                    .build()
+            } else {
+                opcode::Read::new(fd, buf, w.size as u32)
+                    .offset(offset)
+                    .build()
+            };
+            // SAFETY: the buffer is `buffers`, alive until every request is reaped below,
+            // and not handed out again before its request completes.
+            unsafe {
+                ring.submission()
+                    .push(&entry.user_data(slot as u64))
+                    .unwrap()
+            };
+            busy[slot] = true;
+            in_flight += 1;
+        }
+        ring.submit().unwrap();
+    }
+    while in_flight > 0 {
+        reap(&mut ring, &mut busy, &mut in_flight);
+    }
+    start.elapsed()
+}
+
 /// The image's first 8 bytes at `offset` (8-aligned).
 fn pattern_at(offset: u64) -> [u8; 8] {
     (offset / 8)
@@ -320,6 +423,7 @@ fn pattern_at(offset: u64) -> [u8; 8] {
 }
 
 fn write_image(path: &std::path::Path) {
+    use std::os::unix::io::AsRawFd;
     let file = std::fs::File::create(path).unwrap();
     let mut chunk = vec![0u8; 1 << 20];
     for base in (0..DISK_BYTES).step_by(chunk.len()) {
@@ -328,6 +432,10 @@ fn write_image(path: &std::path::Path) {
         }
         file.write_all_at(&chunk, base).unwrap();
     }
+    // On disk and out of the page cache, so O_DIRECT reads find the storage.
+    file.sync_all().unwrap();
+    // SAFETY: advice on a descriptor we own; no memory is involved.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
 
 fn main() {
@@ -336,21 +444,18 @@ fn main() {
         println!("tiny_blk: no /dev/kvm here; nothing measured");
         return;
     }
-    let dir = std::path::PathBuf::from(format!("/dev/shm/vmon-bench-blk-{}", std::process::id()));
+    let base = std::env::var("VMON_BENCH_DIR").unwrap_or_else(|_| "/dev/shm".into());
+    let dir = std::path::PathBuf::from(format!("{base}/vmon-bench-blk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.img");
     write_image(&disk);
     let disk_str = disk.to_str().unwrap().to_string();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&disk)
-        .unwrap();
 
     let vmms = Vmm::available();
     println!(
-        "virtio-blk, tiny guest on /dev/kvm, {} MiB image in /dev/shm, {rounds} rounds, medians:",
-        DISK_BYTES >> 20
+        "virtio-blk, tiny guest on /dev/kvm, {} MiB image in {base}{}, {rounds} rounds, medians:",
+        DISK_BYTES >> 20,
+        if direct() { ", O_DIRECT" } else { "" }
     );
     // Reads first: the write workload overwrites the image.
     let only: Vec<String> = std::env::args()
@@ -380,7 +485,7 @@ fn main() {
         for _ in 0..rounds {
             // Interleaved, so drift in the machine hits all alike. The host gets the better
             // of two tries: a baseline that is too low would flatter the guests.
-            host.push(run_host(w, &file).min(run_host(w, &file)));
+            host.push(run_host(w, &disk).min(run_host(w, &disk)));
             for (i, vmm) in vmms.iter().enumerate() {
                 match run_guest(*vmm, w, &kernels[i], &disk_str) {
                     Ok(t) => guests[i].push(t),
@@ -406,6 +511,5 @@ fn main() {
         }
         println!("{line}");
     }
-    drop(file);
     let _ = std::fs::remove_dir_all(&dir);
 }

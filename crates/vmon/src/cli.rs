@@ -112,10 +112,12 @@ struct RunArgs {
     /// CPU options: nested=on exposes VMX/SVM to the guest
     #[arg(long = "cpu", value_name = "OPTS", value_parser = config::parse_cpu_spec)]
     cpu: Option<CpuSpec>,
-    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on][,poll_us=N] plus
-    /// rate limits (bps=RATE, bps_burst=BYTES, iops=N, iops_burst=N); repeat for more (the
-    /// guest sees vda, vdb, ... in order). poll_us: the longest spin for the next request
-    /// before the device sleeps (default 32, 0 never spins)
+    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on][,poll_us=N]
+    /// [,aio=io_uring|sync] plus rate limits (bps=RATE, bps_burst=BYTES, iops=N,
+    /// iops_burst=N); repeat for more (the guest sees vda, vdb, ... in order). poll_us: the
+    /// longest spin for the next request before the device sleeps (default 32, 0 never
+    /// spins). aio: requests that wait for the storage go through io_uring, many at once
+    /// (default), or one at a time (sync)
     #[arg(long = "disk", value_name = "SPEC", value_parser = config::parse_disk_spec)]
     disks: Vec<DiskSpec>,
     /// A virtio-net device on a host tap: tap=NAME[,mac=MAC] plus rate limits; repeat for

@@ -483,6 +483,7 @@ impl TestDisk {
             direct: false,
             limits: Limits::default(),
             poll: std::time::Duration::ZERO,
+            aio: Default::default(),
         }
     }
 
