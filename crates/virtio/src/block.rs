@@ -922,8 +922,9 @@ impl InFlight {
     /// rest then goes to the ring); a buffered write lands in the page cache, so it is done
     /// here too.
     fn must_wait(&mut self, disk: &Disk, t: &mut Transfer) -> bool {
-        if t.iov.len() > IOV_MAX {
-            return false; // more than one readv takes: served in pieces, synchronously
+        if t.left == 0 || t.iov.len() > IOV_MAX {
+            // Nothing to move, or more buffers than one readv takes (served in pieces).
+            return false;
         }
         if disk.direct {
             return true;
@@ -1426,6 +1427,12 @@ mod tests {
         let r = request_in_flight(&mut d, T_OUT, &[(DATA, 512, false)]).unwrap();
         assert_eq!(status(Some(r)), Some((S_OK, 1, true)));
         assert_eq!(sector_1(&d), [0xEE; 512]);
+        // A read of nothing succeeds without the ring, as it does synchronously.
+        assert_eq!(
+            status(request_in_flight(&mut d, T_IN, &[])),
+            Some((S_OK, 1, false))
+        );
+        assert_eq!(request(&mut d, T_IN, &[]), (S_OK, 1));
     }
 
     #[test]
