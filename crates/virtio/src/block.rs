@@ -406,7 +406,14 @@ impl VirtioDevice for Block {
                             s.stalled
                         }
                         (Err(e), _) => {
-                            // NEEDS_RESET: serve nothing more until the driver resets us.
+                            // What was taken before the ring broke still reaches the
+                            // driver, as served chains do; then NEEDS_RESET: serve nothing
+                            // more until the driver resets us.
+                            if let Some(f) = &mut in_flight {
+                                let _ = f.uring.submit();
+                                f.drain(&disk, mem, &mut used);
+                                let _ = give_back(&mut q.queue, mem, &mut used);
+                            }
                             a.interrupt.fail_device(&e.to_string());
                             break;
                         }

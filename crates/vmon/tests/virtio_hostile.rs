@@ -435,9 +435,12 @@ fn run(name: &str, d: &Driver, rw: &[u8], ro: &[u8]) -> Run {
             "--memory",
             "64M",
             // The writable disk spins between requests (`poll_us`), so every hostile case
-            // also meets a device that looks at the ring without a notify.
+            // also meets a device that looks at the ring without a notify; and it is opened
+            // with O_DIRECT, so its reads and writes go through io_uring (in flight while
+            // the driver misbehaves) and unaligned guest buffers through the bounce path.
+            // The read-only disk keeps the page cache, served synchronously.
             "--disk",
-            &format!("path={},poll_us=50", rw_path.display()),
+            &format!("path={},poll_us=50,direct=on", rw_path.display()),
             "--disk",
             &format!("path={},readonly=on", ro_path.display()),
             "--rng",
