@@ -398,6 +398,15 @@ impl VirtioDevice for Block {
                         Some(f) => f.uring.submit(),
                         None => Ok(()),
                     };
+                    if let Some(f) = &mut in_flight {
+                        if let Some(why) = f.broken.take() {
+                            let drained = f.drain(&disk, mem, &mut used);
+                            let _ = give_back(&mut q.queue, mem, &mut used);
+                            let why = drained.err().map_or(why.clone(), |e| format!("{why}; {e}"));
+                            a.interrupt.fail_device(&why);
+                            break;
+                        }
+                    }
                     let stalled = match (served, submitted) {
                         (Ok(s), Ok(())) => {
                             if s.notify {
@@ -411,7 +420,9 @@ impl VirtioDevice for Block {
                             // more until the driver resets us.
                             if let Some(f) = &mut in_flight {
                                 let _ = f.uring.submit();
-                                f.drain(&disk, mem, &mut used);
+                                if let Err(e) = f.drain(&disk, mem, &mut used) {
+                                    tracing::error!("virtio-blk {name}: {e}");
+                                }
                                 let _ = give_back(&mut q.queue, mem, &mut used);
                             }
                             a.interrupt.fail_device(&e.to_string());
@@ -445,9 +456,14 @@ impl VirtioDevice for Block {
                         // and in the used ring, leaves nothing in flight.
                         Wake::Stop => {
                             if let Some(f) = &mut in_flight {
-                                f.drain(&disk, mem, &mut used);
-                                if give_back(&mut q.queue, mem, &mut used) == Ok(true) {
-                                    a.interrupt.signal_queue(0);
+                                let drained = f.drain(&disk, mem, &mut used);
+                                match (drained, give_back(&mut q.queue, mem, &mut used)) {
+                                    (Ok(()), Ok(true)) => a.interrupt.signal_queue(0),
+                                    (Ok(()), Ok(false)) => {}
+                                    // Requests the driver offered were not all returned: a
+                                    // snapshot must not pass for complete.
+                                    (Err(e), _) => a.interrupt.fail_device(&e),
+                                    (_, Err(e)) => a.interrupt.fail_device(&e.to_string()),
                                 }
                             }
                             return Parked {
@@ -462,7 +478,9 @@ impl VirtioDevice for Block {
             // Broken: nothing more reaches the rings, but nothing may stay in flight
             // either once the transport takes the queue back.
             if let Some(f) = &mut in_flight {
-                f.drain(&disk, mem, &mut used);
+                if let Err(e) = f.drain(&disk, mem, &mut used) {
+                    tracing::error!("virtio-blk {name}: {e}");
+                }
             }
             // Keep the disk until the transport stops us, so a reset can reuse it.
             events.idle_until_stop();
@@ -833,16 +851,26 @@ struct InFlight {
     uring: Uring,
     slots: Box<[Option<Started>]>,
     count: usize,
-    /// The file answers page-cache hits at once under `RWF_NOWAIT`. tmpfs refuses the flag
-    /// (EOPNOTSUPP); its reads never wait for a device, so they are served in place.
+    /// The file answers page-cache hits at once under `RWF_NOWAIT`. Some file systems
+    /// refuse the flag (EOPNOTSUPP): then every buffered read goes to the ring, except on
+    /// tmpfs and ramfs, whose reads never wait for a device and are served in place.
     nowait_reads: bool,
+    in_memory: bool,
+    /// Why the driver broke the queue while requests were in flight (a chain offered
+    /// again before it was returned): the device drains and then needs a reset.
+    broken: Option<String>,
 }
+
+/// How often a request the kernel completed with EAGAIN or EINTR is tried again before the
+/// guest gets an I/O error.
+const RETRIES: u8 = 8;
 
 struct Started {
     chain: Chain,
     status_at: u64,
     kind: u32,
     work: Option<Transfer>,
+    retries: u8,
 }
 
 impl InFlight {
@@ -857,6 +885,8 @@ impl InFlight {
                 slots: (0..QUEUE_SIZE).map(|_| None).collect(),
                 count: 0,
                 nowait_reads: true,
+                in_memory: in_memory(&disk.file),
+                broken: None,
             }),
             Err(e) => {
                 tracing::warn!(
@@ -874,11 +904,14 @@ impl InFlight {
             return Taken::Used(0);
         };
         if self.slots[usize::from(head)].is_some() {
-            // The driver offered a chain that is still in flight: a broken driver. Leave
-            // the request in flight alone and give this one back untouched.
-            tracing::debug!(head, "virtio-blk: chain offered again while in flight");
+            // The driver offered a chain that is still in flight: its ring is broken. Leave
+            // the request in flight alone; the device stops serving, drains and needs a
+            // reset.
             disk.counters.add(counter::BAD_CHAINS, 1);
-            return Taken::Used(0);
+            self.broken = Some(format!(
+                "descriptor head {head} offered again while the device still holds it"
+            ));
+            return Taken::Declined;
         }
         let (kind, plan) = plan(disk, mem, &chain, status_at);
         let work = match plan {
@@ -900,6 +933,7 @@ impl InFlight {
             status_at,
             kind: kind.unwrap_or(T_FLUSH),
             work,
+            retries: 0,
         });
         let pushed = match &slot.work {
             // SAFETY: the iovecs live in the slot and point into guest RAM, which stays
@@ -936,8 +970,11 @@ impl InFlight {
         if disk.direct {
             return true;
         }
-        if t.write || !self.nowait_reads {
+        if t.write {
             return false;
+        }
+        if !self.nowait_reads {
+            return !self.in_memory;
         }
         // SAFETY: the iovecs point into guest RAM, mapped while the device runs.
         let n = unsafe {
@@ -959,7 +996,7 @@ impl InFlight {
                 Some(libc::EAGAIN) => true,
                 Some(libc::EOPNOTSUPP) => {
                     self.nowait_reads = false;
-                    false
+                    !self.in_memory
                 }
                 _ => false, // the synchronous path retries and reports it
             },
@@ -976,6 +1013,10 @@ impl InFlight {
             let Some(s) = slots.get_mut(usize::from(head)).and_then(|s| s.as_mut()) else {
                 return;
             };
+            let what = s
+                .work
+                .as_ref()
+                .map_or("flush", |t| if t.write { "write" } else { "read" });
             let status = match (&mut s.work, result) {
                 (None, 0) => S_OK,
                 (Some(t), n) if n > 0 => {
@@ -987,17 +1028,23 @@ impl InFlight {
                     }
                     S_OK
                 }
+                // The kernel does not retry every transient failure itself (a request it
+                // could not issue without blocking, a spurious EAGAIN from a driver).
+                (_, e) if (e == -libc::EAGAIN || e == -libc::EINTR) && s.retries < RETRIES => {
+                    s.retries += 1;
+                    resubmit.push(head);
+                    return;
+                }
                 (Some(t), e) if disk.direct && e == -libc::EINVAL => {
                     run_transfer(disk, mem, &s.chain, t)
                 }
+                (Some(t), 0) => {
+                    tracing::debug!("virtio-blk: {what} at {}: end of the file", t.offset);
+                    S_IOERR
+                }
                 (_, e) => {
-                    tracing::debug!(
-                        "virtio-blk: {} failed: {}",
-                        s.work
-                            .as_ref()
-                            .map_or("flush", |t| if t.write { "write" } else { "read" }),
-                        io::Error::from_raw_os_error(-e)
-                    );
+                    let e = io::Error::from_raw_os_error(-e);
+                    tracing::debug!("virtio-blk: {what} failed: {e}");
                     S_IOERR
                 }
             };
@@ -1009,11 +1056,13 @@ impl InFlight {
         });
         for head in resubmit {
             let s = self.slots[usize::from(head)].as_ref().expect("in flight");
-            let t = s.work.as_ref().expect("a transfer");
-            // SAFETY: as when it was first pushed.
-            let pushed = unsafe {
-                self.uring
-                    .push_transfer(t.write, &t.iov, t.offset, u64::from(head))
+            let pushed = match &s.work {
+                // SAFETY: as when it was first pushed.
+                Some(t) => unsafe {
+                    self.uring
+                        .push_transfer(t.write, &t.iov, t.offset, u64::from(head))
+                },
+                None => self.uring.push_fdatasync(u64::from(head)),
             };
             if pushed.is_err() {
                 let s = self.slots[usize::from(head)].take().expect("in flight");
@@ -1025,17 +1074,42 @@ impl InFlight {
     }
 
     /// Waits for everything in flight and finishes it.
-    fn drain(&mut self, disk: &Disk, mem: &GuestMemory, used: &mut Vec<(u16, u32)>) {
+    fn drain(
+        &mut self,
+        disk: &Disk,
+        mem: &GuestMemory,
+        used: &mut Vec<(u16, u32)>,
+    ) -> Result<(), String> {
         while self.count > 0 {
             if let Err(e) = self.uring.wait() {
-                // Nothing else can be done with requests the kernel still holds; they
-                // complete (or not) with the file, which the device keeps.
-                tracing::error!("virtio-blk: waiting for requests in flight: {e}");
-                return;
+                // The kernel still holds these requests; the driver must not think them
+                // done, so the device reports that it needs a reset.
+                return Err(format!(
+                    "waiting for {} requests in flight: {e}",
+                    self.count
+                ));
             }
             self.reap(disk, mem, used);
         }
+        Ok(())
     }
+}
+
+/// Whether `file` lives in memory (tmpfs, ramfs), where a read never waits for a device.
+fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills the struct we pass, on a descriptor we own.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so it filled the struct.
+    let fs = unsafe { fs.assume_init() };
+    // f_type is i64 here and a narrower type on some other architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let kind = fs.f_type as i64;
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
 }
 
 #[derive(Clone, Copy)]
@@ -1333,7 +1407,7 @@ mod tests {
             Taken::Pending => {
                 f.uring.submit().unwrap();
                 let mut used = Vec::new();
-                f.drain(&d.disk, &mem, &mut used);
+                f.drain(&d.disk, &mem, &mut used).unwrap();
                 assert_eq!(used.len(), 1);
                 assert_eq!(used[0].0, 7);
                 (used[0].1, true)
@@ -1466,7 +1540,7 @@ mod tests {
         assert_eq!(f.count, 1);
         f.uring.submit().unwrap();
         let mut used = Vec::new();
-        f.drain(&d.disk, &mem, &mut used);
+        f.drain(&d.disk, &mem, &mut used).unwrap();
         assert_eq!(used, vec![(7, 513)]);
         let mut data = [0u8; 512];
         mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
@@ -1475,7 +1549,7 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_offered_again_while_in_flight_is_given_back_untouched() {
+    fn a_chain_offered_again_while_in_flight_breaks_the_queue_and_is_left_alone() {
         let mut d = disk("twice", false);
         let mem = memory();
         let Some(mut f) = InFlight::new(&d.disk, "test") else {
@@ -1485,11 +1559,17 @@ mod tests {
         let flush = write_request(&mem, T_FLUSH, &[]);
         assert_eq!(f.take(&mut d.disk, &mem, flush), Taken::Pending);
         let again = write_request(&mem, T_OUT, &[(DATA, 512, false)]);
-        assert_eq!(f.take(&mut d.disk, &mem, again), Taken::Used(0));
+        assert_eq!(f.take(&mut d.disk, &mem, again), Taken::Declined);
+        assert!(f
+            .broken
+            .as_deref()
+            .unwrap()
+            .contains("head 7 offered again"));
         assert_eq!(sector_1(&d), [1u8; 512]);
+        // The request in flight still finishes and is returned once.
         f.uring.submit().unwrap();
         let mut used = Vec::new();
-        f.drain(&d.disk, &mem, &mut used);
+        f.drain(&d.disk, &mem, &mut used).unwrap();
         assert_eq!(used, vec![(7, 1)]);
     }
 

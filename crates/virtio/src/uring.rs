@@ -123,10 +123,13 @@ impl Uring {
         while self.unsubmitted > 0 {
             match self.ring.submit() {
                 Ok(n) => self.unsubmitted -= n.min(self.unsubmitted),
-                // EBUSY: the completion queue is full. Our callers reap completions in the
-                // same thread, so this only happens with more completions pending than we
-                // keep in flight; wait for the kernel to take them.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The kernel could not allocate for the requests (memory pressure): try
+                // again shortly rather than spin. (EBUSY, a full completion queue, cannot
+                // happen: it has room for twice the requests a queue can hold.)
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
                 Err(e) => return Err(e),
             }
         }
