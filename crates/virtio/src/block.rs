@@ -1444,6 +1444,15 @@ mod tests {
         }
     }
 
+    /// A ring for `d`, or None (saying so) where this host refuses io_uring.
+    fn ring_or_skip(d: &TestDisk) -> Option<InFlight> {
+        let f = InFlight::new(&d.disk, "test");
+        if f.is_none() {
+            eprintln!("skipped: this host refuses io_uring");
+        }
+        f
+    }
+
     fn sector_1(d: &TestDisk) -> [u8; 512] {
         use std::os::unix::fs::FileExt;
         let mut back = [0u8; 512];
@@ -1517,11 +1526,23 @@ mod tests {
     }
 
     #[test]
+    fn files_in_dev_shm_are_in_memory_and_test_images_are_where_they_are() {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let path = shm.join(format!("vmon-in-memory-{}", std::process::id()));
+            let f = File::create(&path).unwrap();
+            let _ = std::fs::remove_file(&path);
+            assert!(in_memory(&f), "/dev/shm is tmpfs");
+        }
+        let proc_file = File::open("/proc/self/status").unwrap();
+        assert!(!in_memory(&proc_file), "procfs is not tmpfs");
+    }
+
+    #[test]
     fn a_read_the_page_cache_cannot_answer_goes_to_the_ring() {
         let mut d = disk("uncached", false);
         let mem = memory();
-        let Some(mut f) = InFlight::new(&d.disk, "test") else {
-            eprintln!("skipped: this host refuses io_uring");
+        let Some(mut f) = ring_or_skip(&d) else {
             return;
         };
         let fd = d.disk.file.as_raw_fd();
@@ -1530,13 +1551,12 @@ mod tests {
             assert_eq!(libc::fdatasync(fd), 0);
             assert_eq!(libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED), 0);
         }
-        let popped = write_request(&mem, T_IN, &[(DATA, 512, true)]);
-        let taken = f.take(&mut d.disk, &mem, popped);
-        if !f.nowait_reads {
-            eprintln!("skipped: this file system serves every read at once (tmpfs)");
+        if f.in_memory {
+            eprintln!("skipped: reads from tmpfs never wait for a device");
             return;
         }
-        assert_eq!(taken, Taken::Pending);
+        let popped = write_request(&mem, T_IN, &[(DATA, 512, true)]);
+        assert_eq!(f.take(&mut d.disk, &mem, popped), Taken::Pending);
         assert_eq!(f.count, 1);
         f.uring.submit().unwrap();
         let mut used = Vec::new();
@@ -1552,8 +1572,7 @@ mod tests {
     fn a_chain_offered_again_while_in_flight_breaks_the_queue_and_is_left_alone() {
         let mut d = disk("twice", false);
         let mem = memory();
-        let Some(mut f) = InFlight::new(&d.disk, "test") else {
-            eprintln!("skipped: this host refuses io_uring");
+        let Some(mut f) = ring_or_skip(&d) else {
             return;
         };
         let flush = write_request(&mem, T_FLUSH, &[]);
