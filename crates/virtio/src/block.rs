@@ -1526,7 +1526,7 @@ mod tests {
     }
 
     #[test]
-    fn files_in_dev_shm_are_in_memory_and_test_images_are_where_they_are() {
+    fn tmpfs_is_in_memory_and_procfs_is_not() {
         let shm = Path::new("/dev/shm");
         if shm.is_dir() {
             let path = shm.join(format!("vmon-in-memory-{}", std::process::id()));
