@@ -1053,6 +1053,26 @@ fn broken_available_rings_need_a_reset() {
         d.expect_sector(DATA, &rw, 32);
         d.read(2, used + 2, 1);
     }
+    // The writable disk is O_DIRECT: where the host gives vmon an io_uring its reads are
+    // in flight while the device takes the next chain. (Without one, vmon serves them one
+    // at a time and a repeated head is just served twice.)
+    let ring = io_uring::IoUring::new(2).is_ok();
+    if ring {
+        d.text("a chain offered twice in one batch, the first still in flight");
+        d.init(BLK, 0, QUEUE_MAX);
+        d.header(T_IN, 35);
+        d.chain(&[(HDR, 16, 0), (DATA, 512, W), (STATUS_BUF, 1, W)]);
+        d.offer(0);
+        d.offer(0);
+        d.notify();
+        d.expect_needs_reset(LIVE);
+        // The request in flight still finished, once.
+        d.wait_used();
+        d.used_elem(0, 513);
+        d.read(1, STATUS_BUF, S_OK);
+        d.expect_sector(DATA, &rw, 35);
+        d.read(2, used + 2, 1);
+    }
     d.text("the available index running backwards");
     d.init(BLK, 0, QUEUE_MAX);
     d.good_read(33, &rw);
@@ -1071,7 +1091,8 @@ fn broken_available_rings_need_a_reset() {
     d.good_read(34, &rw);
     d.done();
     let r = run("hostile-avail", &d, &rw, &ro);
-    assert_eq!(count(&r.out, NEEDS_RESET_LOG), 5, "{}", r.out.stderr);
+    let resets = 5 + usize::from(ring);
+    assert_eq!(count(&r.out, NEEDS_RESET_LOG), resets, "{}", r.out.stderr);
 }
 
 #[test]
