@@ -607,6 +607,38 @@ pub fn serve_queue(
     chain::serve_all(queue, mem, |p| handle(disk, mem, p))
 }
 
+/// The device thread's io_uring state, for [`serve_queue_in_flight`].
+#[doc(hidden)]
+pub struct RingForTests(InFlight);
+
+/// A ring for `disk`, or `None` where the host refuses io_uring.
+#[doc(hidden)]
+pub fn ring_for_tests(disk: &Disk) -> Option<RingForTests> {
+    InFlight::new(disk, "test").map(RingForTests)
+}
+
+/// [`serve_queue`] the way the device thread serves with `aio=io_uring`: requests that may
+/// wait start on the ring, then everything in flight is finished and returned. For the fuzz
+/// target and tests.
+#[doc(hidden)]
+pub fn serve_queue_in_flight(
+    disk: &mut Disk,
+    ring: &mut RingForTests,
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemory,
+) -> Result<bool, chain::QueueBroken> {
+    let f = &mut ring.0;
+    let served = chain::serve_some(queue, mem, |p| f.take(disk, mem, p));
+    let mut used = Vec::new();
+    let _ = f.uring.submit();
+    if let Err(e) = f.drain(disk, mem, &mut used) {
+        tracing::debug!("virtio-blk: {e}");
+    }
+    f.broken = None;
+    let given_back = give_back(queue, mem, &mut used);
+    Ok(served?.notify | given_back?)
+}
+
 /// Serves one request and returns the number of bytes written into its buffers.
 fn handle(disk: &mut Disk, mem: &GuestMemory, p: Popped) -> u32 {
     let Some((chain, status_at)) = usable(disk, p.chain) else {

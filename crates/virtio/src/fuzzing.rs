@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmon_devices::pci::msix::{MsiMessage, MsiVectors, Msix};
 use vmon_memory::GuestMemory;
 
-use crate::block::{Disk, DiskOptions};
+use crate::block::{ring_for_tests, Disk, DiskOptions, RingForTests};
 use crate::interrupt::Interrupt;
 use crate::net::{Backend, NetStats, VNET_HDR_LEN};
 use crate::rate_limiter::Limits;
@@ -80,12 +80,55 @@ fn disk() -> &'static Mutex<Disk> {
     })
 }
 
+/// An O_DIRECT scratch disk with its io_uring (None where the host refuses io_uring): the
+/// path `aio=io_uring` takes, with requests in flight and unaligned buffers bounced. One
+/// per thread: requests in flight hold raw iovecs, which do not cross threads.
+fn with_direct_disk<R>(f: impl FnOnce(&mut Disk, Option<&mut RingForTests>) -> R) -> R {
+    thread_local! {
+        static DISK: RefCell<Option<(Disk, Option<RingForTests>)>> = const { RefCell::new(None) };
+    }
+    DISK.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let (disk, ring) = cell.get_or_insert_with(|| {
+            let path = std::env::temp_dir().join(format!(
+                "vmon-fuzz-direct-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            std::fs::write(&path, vec![0xA5; 64 * 1024]).expect("creating the fuzz disk");
+            let disk = Disk::open(&DiskOptions {
+                path: path.clone(),
+                readonly: false,
+                serial: Some("fuzz-direct".into()),
+                direct: true,
+                limits: Limits::default(),
+                poll: std::time::Duration::ZERO,
+                aio: crate::block::Aio::IoUring,
+            })
+            .expect("opening the fuzz disk with O_DIRECT");
+            let _ = std::fs::remove_file(&path);
+            let ring = ring_for_tests(&disk);
+            (disk, ring)
+        });
+        f(disk, ring.as_mut())
+    })
+}
+
 /// virtio-blk: every chain the fuzzer's rings offer, through validation and the request
-/// handler, against a small scratch disk.
+/// handler, against a small scratch disk. Bit 6 of the control byte picks the O_DIRECT disk
+/// served through io_uring instead of the page-cache one served in place.
 pub fn virtio_blk(data: &[u8]) {
     let Some((mem, mut q)) = setup(data) else {
         return;
     };
+    if data[0] & 0x40 != 0 {
+        let served = with_direct_disk(|disk, ring| {
+            ring.map(|ring| crate::block::serve_queue_in_flight(disk, ring, &mut q, &mem))
+        });
+        if served.is_some() {
+            return;
+        }
+    }
     let mut disk = crate::bus_lock(disk());
     let _ = crate::block::serve_queue(&mut disk, &mut q, &mem);
 }
