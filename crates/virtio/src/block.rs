@@ -400,9 +400,10 @@ impl VirtioDevice for Block {
                     };
                     if let Some(f) = &mut in_flight {
                         if let Some(why) = f.broken.take() {
-                            let drained = f.drain(&disk, mem, &mut used);
-                            let _ = give_back(&mut q.queue, mem, &mut used);
-                            let why = drained.err().map_or(why.clone(), |e| format!("{why}; {e}"));
+                            let why = match f.settle(&disk, mem, &mut q.queue) {
+                                Ok(_) => why,
+                                Err(e) => format!("{why}; {e}"),
+                            };
                             a.interrupt.fail_device(&why);
                             break;
                         }
@@ -419,11 +420,9 @@ impl VirtioDevice for Block {
                             // driver, as served chains do; then NEEDS_RESET: serve nothing
                             // more until the driver resets us.
                             if let Some(f) = &mut in_flight {
-                                let _ = f.uring.submit();
-                                if let Err(e) = f.drain(&disk, mem, &mut used) {
+                                if let Err(e) = f.settle(&disk, mem, &mut q.queue) {
                                     tracing::error!("virtio-blk {name}: {e}");
                                 }
-                                let _ = give_back(&mut q.queue, mem, &mut used);
                             }
                             a.interrupt.fail_device(&e.to_string());
                             break;
@@ -455,16 +454,15 @@ impl VirtioDevice for Block {
                         // Stopping here, between passes, with what was in flight finished
                         // and in the used ring, leaves nothing in flight.
                         Wake::Stop => {
-                            if let Some(f) = &mut in_flight {
-                                let drained = f.drain(&disk, mem, &mut used);
-                                match (drained, give_back(&mut q.queue, mem, &mut used)) {
-                                    (Ok(()), Ok(true)) => a.interrupt.signal_queue(0),
-                                    (Ok(()), Ok(false)) => {}
-                                    // Requests the driver offered were not all returned: a
-                                    // snapshot must not pass for complete.
-                                    (Err(e), _) => a.interrupt.fail_device(&e),
-                                    (_, Err(e)) => a.interrupt.fail_device(&e.to_string()),
-                                }
+                            match in_flight
+                                .as_mut()
+                                .map(|f| f.settle(&disk, mem, &mut q.queue))
+                            {
+                                Some(Ok(true)) => a.interrupt.signal_queue(0),
+                                Some(Ok(false)) | None => {}
+                                // Requests the driver offered were not all returned: a
+                                // snapshot must not pass for complete.
+                                Some(Err(e)) => a.interrupt.fail_device(&e),
                             }
                             return Parked {
                                 backend: disk,
@@ -629,14 +627,12 @@ pub fn serve_queue_in_flight(
 ) -> Result<bool, chain::QueueBroken> {
     let f = &mut ring.0;
     let served = chain::serve_some(queue, mem, |p| f.take(disk, mem, p));
-    let mut used = Vec::new();
-    let _ = f.uring.submit();
-    if let Err(e) = f.drain(disk, mem, &mut used) {
-        tracing::debug!("virtio-blk: {e}");
-    }
     f.broken = None;
-    let given_back = give_back(queue, mem, &mut used);
-    Ok(served?.notify | given_back?)
+    let given_back = f.settle(disk, mem, queue).unwrap_or_else(|e| {
+        tracing::debug!("virtio-blk: {e}");
+        false
+    });
+    Ok(served?.notify | given_back)
 }
 
 /// Serves one request and returns the number of bytes written into its buffers.
@@ -738,6 +734,14 @@ struct Transfer {
 }
 
 impl Transfer {
+    fn dir(&self) -> Direction {
+        if self.write {
+            Direction::Write
+        } else {
+            Direction::Read
+        }
+    }
+
     /// Data bytes written into the guest's buffers once it is done.
     fn written(&self) -> u32 {
         if self.write {
@@ -853,11 +857,7 @@ fn byte_range(disk: &Disk, sector: u64, bytes: u64) -> Result<u64, u8> {
 
 /// Does what is left of `t` on the calling thread; returns the request's status.
 fn run_transfer(disk: &Disk, mem: &GuestMemory, chain: &Chain, t: &mut Transfer) -> u8 {
-    let dir = if t.write {
-        Direction::Write
-    } else {
-        Direction::Read
-    };
+    let dir = t.dir();
     match transfer(&disk.file, &mut t.iov, t.offset, dir) {
         Ok(()) => S_OK,
         Err(e) if disk.direct && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -903,6 +903,19 @@ struct Started {
     kind: u32,
     work: Option<Transfer>,
     retries: u8,
+}
+
+impl Started {
+    /// Queues what is left of the request on the ring, tagged with its head.
+    fn push(&self, uring: &mut Uring, head: u16) -> io::Result<()> {
+        match &self.work {
+            // SAFETY: the iovecs live in this slot and point into guest RAM, which stays
+            // mapped while the device runs; the slot is emptied only once the completion is
+            // reaped, and the device thread waits for every completion before it stops.
+            Some(t) => unsafe { uring.push_transfer(t.write, &t.iov, t.offset, u64::from(head)) },
+            None => uring.push_fdatasync(u64::from(head)),
+        }
+    }
 }
 
 impl InFlight {
@@ -967,17 +980,7 @@ impl InFlight {
             work,
             retries: 0,
         });
-        let pushed = match &slot.work {
-            // SAFETY: the iovecs live in the slot and point into guest RAM, which stays
-            // mapped while the device runs; the slot is emptied only once the completion is
-            // reaped, and the device thread waits for every completion before it stops.
-            Some(t) => unsafe {
-                self.uring
-                    .push_transfer(t.write, &t.iov, t.offset, u64::from(head))
-            },
-            None => self.uring.push_fdatasync(u64::from(head)),
-        };
-        match pushed {
+        match slot.push(&mut self.uring, head) {
             Ok(()) => {
                 self.count += 1;
                 Taken::Pending
@@ -1045,10 +1048,7 @@ impl InFlight {
             let Some(s) = slots.get_mut(usize::from(head)).and_then(|s| s.as_mut()) else {
                 return;
             };
-            let what = s
-                .work
-                .as_ref()
-                .map_or("flush", |t| if t.write { "write" } else { "read" });
+            let what = s.work.as_ref().map_or("flush", |t| t.dir().name());
             let status = match (&mut s.work, result) {
                 (None, 0) => S_OK,
                 (Some(t), n) if n > 0 => {
@@ -1088,21 +1088,28 @@ impl InFlight {
         });
         for head in resubmit {
             let s = self.slots[usize::from(head)].as_ref().expect("in flight");
-            let pushed = match &s.work {
-                // SAFETY: as when it was first pushed.
-                Some(t) => unsafe {
-                    self.uring
-                        .push_transfer(t.write, &t.iov, t.offset, u64::from(head))
-                },
-                None => self.uring.push_fdatasync(u64::from(head)),
-            };
-            if pushed.is_err() {
+            if s.push(&mut self.uring, head).is_err() {
                 let s = self.slots[usize::from(head)].take().expect("in flight");
                 self.count -= 1;
                 let written = finish(disk, mem, &s.chain, s.status_at, Some(s.kind), S_IOERR, 0);
                 used.push((head, written));
             }
         }
+    }
+
+    /// Waits for everything in flight and returns it to the driver: whether the driver
+    /// wants an interrupt for it, or why the device needs a reset.
+    fn settle(
+        &mut self,
+        disk: &Disk,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+    ) -> Result<bool, String> {
+        let mut used = Vec::new();
+        let drained = self.drain(disk, mem, &mut used);
+        let given_back = give_back(queue, mem, &mut used).map_err(|e| e.to_string());
+        drained?;
+        given_back
     }
 
     /// Waits for everything in flight and finishes it.
