@@ -1038,8 +1038,29 @@ fn broken_available_rings_need_a_reset() {
     d.init(BLK, 0, QUEUE_MAX);
     d.good_read(31, &rw);
 
-    for head in [QUEUE_MAX, 0xFFFF] {
-        d.text("a head index outside the queue, after a good request in the same batch");
+    // The writable disk is O_DIRECT: where the host gives vmon an io_uring its reads are
+    // in flight while the device takes the next chain, so a head offered twice meets the
+    // first still held. (Without one, vmon serves them one at a time and a repeated head
+    // is just served twice.)
+    let ring = io_uring::IoUring::new(2).is_ok();
+    let mut second_heads = vec![
+        (
+            QUEUE_MAX,
+            "a head index outside the queue, after a good request in the same batch",
+        ),
+        (
+            0xFFFF,
+            "a head index outside the queue, after a good request in the same batch",
+        ),
+    ];
+    if ring {
+        second_heads.push((
+            0,
+            "a chain offered twice in one batch, the first still in flight",
+        ));
+    }
+    for (head, text) in second_heads {
+        d.text(text);
         d.init(BLK, 0, QUEUE_MAX);
         d.header(T_IN, 32);
         d.chain(&[(HDR, 16, 0), (DATA, 512, W), (STATUS_BUF, 1, W)]);
@@ -1047,30 +1068,11 @@ fn broken_available_rings_need_a_reset() {
         d.offer(head);
         d.notify();
         d.expect_needs_reset(LIVE);
+        // The good request still finished, once.
         d.wait_used();
         d.used_elem(0, 513);
         d.read(1, STATUS_BUF, S_OK);
         d.expect_sector(DATA, &rw, 32);
-        d.read(2, used + 2, 1);
-    }
-    // The writable disk is O_DIRECT: where the host gives vmon an io_uring its reads are
-    // in flight while the device takes the next chain. (Without one, vmon serves them one
-    // at a time and a repeated head is just served twice.)
-    let ring = io_uring::IoUring::new(2).is_ok();
-    if ring {
-        d.text("a chain offered twice in one batch, the first still in flight");
-        d.init(BLK, 0, QUEUE_MAX);
-        d.header(T_IN, 35);
-        d.chain(&[(HDR, 16, 0), (DATA, 512, W), (STATUS_BUF, 1, W)]);
-        d.offer(0);
-        d.offer(0);
-        d.notify();
-        d.expect_needs_reset(LIVE);
-        // The request in flight still finished, once.
-        d.wait_used();
-        d.used_elem(0, 513);
-        d.read(1, STATUS_BUF, S_OK);
-        d.expect_sector(DATA, &rw, 35);
         d.read(2, used + 2, 1);
     }
     d.text("the available index running backwards");
