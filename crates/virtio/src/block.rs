@@ -1444,9 +1444,7 @@ mod tests {
         let (len, pending) = match f.take(&mut d.disk, &mem, popped) {
             Taken::Used(len) => (len, false),
             Taken::Pending => {
-                f.uring.submit().unwrap();
-                let mut used = Vec::new();
-                f.drain(&d.disk, &mem, &mut used).unwrap();
+                let used = drained(&mut f, &d, &mem);
                 assert_eq!(used.len(), 1);
                 assert_eq!(used[0].0, 7);
                 (used[0].1, true)
@@ -1481,6 +1479,13 @@ mod tests {
             head: 7,
             chain: Ok(chain),
         }
+    }
+
+    /// What the ring returns once everything in flight is done: (head, used length) each.
+    fn drained(f: &mut InFlight, d: &TestDisk, mem: &GuestMemory) -> Vec<(u16, u32)> {
+        let mut used = Vec::new();
+        f.drain(&d.disk, mem, &mut used).unwrap();
+        used
     }
 
     /// A ring for `d`, or None (saying so) where this host refuses io_uring.
@@ -1597,10 +1602,7 @@ mod tests {
         let popped = write_request(&mem, T_IN, &[(DATA, 512, true)]);
         assert_eq!(f.take(&mut d.disk, &mem, popped), Taken::Pending);
         assert_eq!(f.count, 1);
-        f.uring.submit().unwrap();
-        let mut used = Vec::new();
-        f.drain(&d.disk, &mem, &mut used).unwrap();
-        assert_eq!(used, vec![(7, 513)]);
+        assert_eq!(drained(&mut f, &d, &mem), vec![(7, 513)]);
         let mut data = [0u8; 512];
         mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         assert_eq!(data, [1u8; 512]);
@@ -1625,10 +1627,7 @@ mod tests {
             .contains("head 7 offered again"));
         assert_eq!(sector_1(&d), [1u8; 512]);
         // The request in flight still finishes and is returned once.
-        f.uring.submit().unwrap();
-        let mut used = Vec::new();
-        f.drain(&d.disk, &mem, &mut used).unwrap();
-        assert_eq!(used, vec![(7, 1)]);
+        assert_eq!(drained(&mut f, &d, &mem), vec![(7, 1)]);
     }
 
     #[test]

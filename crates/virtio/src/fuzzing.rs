@@ -59,25 +59,36 @@ fn queue(control: u8, base: u64) -> Option<Queue> {
     Some(q)
 }
 
+/// A 64 KiB scratch disk of `fill` bytes, its file already unlinked (the open descriptor
+/// keeps it), opened `direct` or through the page cache.
+fn scratch_disk(name: &str, fill: u8, direct: bool) -> Disk {
+    let path = std::env::temp_dir().join(format!(
+        "vmon-fuzz-{name}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&path, vec![fill; 64 * 1024]).expect("creating the fuzz disk");
+    let disk = Disk::open(&DiskOptions {
+        path: path.clone(),
+        readonly: false,
+        serial: Some(format!("fuzz-{name}")),
+        direct,
+        limits: Limits::default(),
+        poll: std::time::Duration::ZERO,
+        aio: if direct {
+            crate::block::Aio::IoUring
+        } else {
+            crate::block::Aio::Sync
+        },
+    })
+    .expect("opening the fuzz disk");
+    let _ = std::fs::remove_file(&path);
+    disk
+}
+
 fn disk() -> &'static Mutex<Disk> {
     static DISK: OnceLock<Mutex<Disk>> = OnceLock::new();
-    DISK.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("vmon-fuzz-disk-{}", std::process::id()));
-        std::fs::write(&path, vec![0x5A; 64 * 1024]).expect("creating the fuzz disk");
-        let disk = Disk::open(&DiskOptions {
-            path: path.clone(),
-            readonly: false,
-            serial: Some("fuzz".into()),
-            direct: false,
-            limits: Limits::default(),
-            poll: std::time::Duration::ZERO,
-            aio: crate::block::Aio::Sync,
-        })
-        .expect("opening the fuzz disk");
-        // The open descriptor keeps the file; the name can go.
-        let _ = std::fs::remove_file(&path);
-        Mutex::new(disk)
-    })
+    DISK.get_or_init(|| Mutex::new(scratch_disk("disk", 0x5A, false)))
 }
 
 /// An O_DIRECT scratch disk with its io_uring (None where the host refuses io_uring): the
@@ -90,23 +101,7 @@ fn with_direct_disk<R>(f: impl FnOnce(&mut Disk, Option<&mut RingForTests>) -> R
     DISK.with(|cell| {
         let mut cell = cell.borrow_mut();
         let (disk, ring) = cell.get_or_insert_with(|| {
-            let path = std::env::temp_dir().join(format!(
-                "vmon-fuzz-direct-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            std::fs::write(&path, vec![0xA5; 64 * 1024]).expect("creating the fuzz disk");
-            let disk = Disk::open(&DiskOptions {
-                path: path.clone(),
-                readonly: false,
-                serial: Some("fuzz-direct".into()),
-                direct: true,
-                limits: Limits::default(),
-                poll: std::time::Duration::ZERO,
-                aio: crate::block::Aio::IoUring,
-            })
-            .expect("opening the fuzz disk with O_DIRECT");
-            let _ = std::fs::remove_file(&path);
+            let disk = scratch_disk("direct", 0xA5, true);
             let ring = ring_for_tests(&disk);
             (disk, ring)
         });
