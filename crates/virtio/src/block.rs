@@ -1444,7 +1444,7 @@ mod tests {
         let (len, pending) = match f.take(&mut d.disk, &mem, popped) {
             Taken::Used(len) => (len, false),
             Taken::Pending => {
-                let used = drained(&mut f, &d, &mem);
+                let used = drained(&mut f, d, &mem);
                 assert_eq!(used.len(), 1);
                 assert_eq!(used[0].0, 7);
                 (used[0].1, true)
