@@ -5,7 +5,9 @@
 //!   consistent across leaves 0x1, 0x4, 0xB/0x1F (Intel) and 0x80000008/0x8000001E (AMD);
 //! - no VMX/SVM unless nested virtualisation is asked for (`--cpu nested=on`);
 //! - no architectural PMU (leaf 0xA), whose MSRs nested and PVM hosts emulate poorly;
-//! - the TSC-deadline timer when KVM's in-kernel LAPIC provides it.
+//! - the TSC-deadline timer when KVM's in-kernel LAPIC provides it;
+//! - the host's processor brand string (leaves 0x80000002-4), which KVM reports empty: a
+//!   guest without it shows its CPU as a bare family/model pair (`model name : 17/01`).
 //!
 //! The profile works on plain CPUID entries so it is unit-tested without KVM.
 
@@ -17,6 +19,8 @@ const LEAF_PMU: u32 = 0xA;
 const LEAF_TOPOLOGY: u32 = 0xB;
 const LEAF_TOPOLOGY_V2: u32 = 0x1F;
 const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+const LEAF_EXT_MAX: u32 = 0x8000_0000;
+const LEAF_BRAND: std::ops::RangeInclusive<u32> = 0x8000_0002..=0x8000_0004;
 const LEAF_EXT_ADDRESS_SIZES: u32 = 0x8000_0008;
 const LEAF_SVM: u32 = 0x8000_000A;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001E;
@@ -45,6 +49,27 @@ pub struct CpuProfile {
     /// Expose VMX/SVM so the guest can run its own VMs.
     pub nested: bool,
     pub tsc_deadline: bool,
+    /// The processor brand string, as the registers (EAX, EBX, ECX, EDX) of leaves
+    /// 0x80000002-4 in turn; [`host_brand`] reads the host's.
+    pub brand: Option<Brand>,
+}
+
+/// A processor brand string: 48 bytes of ASCII as CPUID returns them, four registers
+/// per leaf.
+pub type Brand = [u32; 12];
+
+/// The host CPU's brand string, if its CPUID has one.
+pub fn host_brand() -> Option<Brand> {
+    use std::arch::x86_64::__cpuid;
+    if __cpuid(LEAF_EXT_MAX).eax < *LEAF_BRAND.end() {
+        return None;
+    }
+    let mut brand = [0; 12];
+    for (regs, leaf) in brand.chunks_mut(4).zip(LEAF_BRAND) {
+        let r = __cpuid(leaf);
+        regs.copy_from_slice(&[r.eax, r.ebx, r.ecx, r.edx]);
+    }
+    brand.iter().any(|&r| r != 0).then_some(brand)
 }
 
 /// Bits needed to number `count` things (ceil(log2(count))).
@@ -143,6 +168,13 @@ impl CpuProfile {
                     e.ecx = 0;
                     e.edx = 0;
                 }
+                f if LEAF_BRAND.contains(&f) => {
+                    if let Some(brand) = &self.brand {
+                        let i = 4 * (f - LEAF_BRAND.start()) as usize;
+                        [e.eax, e.ebx, e.ecx, e.edx] =
+                            [brand[i], brand[i + 1], brand[i + 2], brand[i + 3]];
+                    }
+                }
                 LEAF_AMD_TOPOLOGY => {
                     e.eax = apic_id;
                     e.ebx = index & 0xFF; // compute unit = core, one thread each
@@ -204,6 +236,10 @@ mod tests {
             leaf(0xB, 0, [1, 2, 0x100, 9]),
             leaf(0xB, 1, [4, 16, 0x201, 9]),
             leaf(0x8000_0001, 0, [0, 0, EXT_ECX_SVM | 1, 0]),
+            // KVM reports the brand string's leaves, empty.
+            leaf(0x8000_0002, 0, [0; 4]),
+            leaf(0x8000_0003, 0, [0; 4]),
+            leaf(0x8000_0004, 0, [0; 4]),
             leaf(0x8000_0008, 0, [0x3030, 0, 0x700F, 0]),
             leaf(0x8000_000A, 0, [1, 0x8000, 0, 0x1BFBFF]),
             leaf(0x8000_001E, 0, [7, 0x103, 0, 0]),
@@ -221,6 +257,7 @@ mod tests {
         vcpus: 4,
         nested: false,
         tsc_deadline: true,
+        brand: None,
     };
 
     #[test]
@@ -333,5 +370,43 @@ mod tests {
         PROFILE4.apply(&mut e, 1);
         let core = find(&e, 0xB, 1);
         assert_eq!((core.ebx, core.edx), (4, 1));
+    }
+
+    #[test]
+    fn brand_string_fills_the_empty_leaves() {
+        let text = *b"Intel(R) Xeon(R) Processor\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+        let mut brand = [0u32; 12];
+        for (r, bytes) in brand.iter_mut().zip(text.chunks(4)) {
+            *r = u32::from_le_bytes(bytes.try_into().unwrap());
+        }
+        let mut e = host(b"GenuineIntel");
+        PROFILE4.apply(&mut e, 0);
+        assert_eq!(
+            find(&e, 0x8000_0002, 0).eax,
+            0,
+            "no brand: left as KVM has it"
+        );
+        CpuProfile {
+            brand: Some(brand),
+            ..PROFILE4
+        }
+        .apply(&mut e, 0);
+        let mut read = Vec::new();
+        for f in LEAF_BRAND {
+            let l = find(&e, f, 0);
+            for r in [l.eax, l.ebx, l.ecx, l.edx] {
+                read.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+        assert_eq!(read, text);
+    }
+
+    #[test]
+    fn host_brand_is_ascii_when_present() {
+        if let Some(brand) = host_brand() {
+            let bytes: Vec<u8> = brand.iter().flat_map(|r| r.to_le_bytes()).collect();
+            let text = bytes.split(|&b| b == 0).next().unwrap();
+            assert!(!text.is_empty() && text.is_ascii(), "{bytes:?}");
+        }
     }
 }

@@ -47,6 +47,7 @@ fn boot_vcpu(hv: &Hypervisor, vm: &Vm) -> vmon_hypervisor::Vcpu {
         vcpus: 2,
         nested: false,
         tsc_deadline: hv.has_tsc_deadline(),
+        brand: vmon_hypervisor::cpuid::host_brand(),
     };
     let vcpu = vm.create_vcpu(0).unwrap();
     vcpu.configure(&profile, hv.supported_cpuid().unwrap(), Some(&boot_state()))
@@ -64,6 +65,16 @@ fn saved_vcpu_state_restores_into_a_new_vcpu() {
     assert_eq!(saved.regs.rip, 0x10_0000);
     assert_eq!(saved.sregs.cr3, 0x9000);
     assert!(!saved.msrs.is_empty());
+    // The guest reads the host's brand string (KVM's own table leaves it empty).
+    if let Some(brand) = vmon_hypervisor::cpuid::host_brand() {
+        let leaves: Vec<u32> = (0x8000_0002..=0x8000_0004)
+            .flat_map(|f| {
+                let e = saved.cpuid.iter().find(|e| e.function == f).unwrap();
+                [e.eax, e.ebx, e.ecx, e.edx]
+            })
+            .collect();
+        assert_eq!(leaves, brand);
+    }
 
     // The state is plain data: it survives serialisation.
     let json = serde_json::to_string(&saved).unwrap();

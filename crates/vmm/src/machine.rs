@@ -342,6 +342,7 @@ impl Machine {
             vcpus: config.cpus,
             nested: config.nested,
             tsc_deadline: hypervisor.has_tsc_deadline(),
+            brand: vmon_hypervisor::cpuid::host_brand(),
         };
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         for index in 0..config.cpus {

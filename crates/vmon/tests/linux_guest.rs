@@ -20,7 +20,20 @@ const REPORT: &str = "echo cpus=$(nproc); \
      echo memtotal_kib=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo); \
      echo virt_flags=$(grep -cwE 'vmx|svm' /proc/cpuinfo); \
      echo year=$(date -u +%Y); \
+     echo model=$(sed -n 's/^model name[^:]*: *//p' /proc/cpuinfo | head -n 1); \
      echo e820_ram=$(dmesg | grep -c 'BIOS-e820: .*usable')";
+
+/// The host CPU's model name, as Linux prints it (the guest should print the same), with
+/// runs of spaces collapsed as the guest's unquoted `echo` does.
+fn host_model() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let line = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .expect("a model name in the host's /proc/cpuinfo");
+    let name = line.split_once(':').unwrap().1;
+    name.split_whitespace().collect::<Vec<_>>().join(" ")
+}
 
 fn host_year() -> String {
     String::from_utf8(
@@ -57,6 +70,7 @@ fn one_vcpu_256m() {
         "VMX/SVM must be hidden by default"
     );
     assert_eq!(field(&out.stdout, "year"), host_year());
+    assert_eq!(field(&out.stdout, "model"), host_model());
     assert_eq!(field(&out.stdout, "e820_ram"), "2");
 }
 
