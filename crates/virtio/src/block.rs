@@ -383,11 +383,8 @@ impl VirtioDevice for Block {
                     }
                     let _ = q.notify.read();
                     let served = chain::serve_some(&mut q.queue, mem, |p| {
-                        if let Some(l) = &mut limiter {
-                            if !l.consume(request_bytes(&p)) {
-                                disk.counters.add(counter::THROTTLED, 1);
-                                return Taken::Declined;
-                            }
+                        if !admit(&mut limiter, request_bytes(&p), &disk.counters) {
+                            return Taken::Declined;
                         }
                         match &mut in_flight {
                             Some(f) => f.take(&mut disk, mem, p),
@@ -588,6 +585,21 @@ fn give_back(
 }
 
 /// What a request costs against a byte limit: the data it moves, header and status aside.
+/// Whether the rate limiter (if any) lets a request of `bytes` through now. `throttled`
+/// counts holds, not refusals: while the queue is held every wake-up (a completion, a
+/// driver notification) asks again and is refused again until the limiter's timer fires.
+fn admit(limiter: &mut Option<RateLimiter>, bytes: u64, counters: &CounterSet) -> bool {
+    let Some(l) = limiter else { return true };
+    let held = l.is_blocked();
+    if l.consume(bytes) {
+        return true;
+    }
+    if !held {
+        counters.add(counter::THROTTLED, 1);
+    }
+    false
+}
+
 fn request_bytes(p: &Popped) -> u64 {
     p.chain.as_ref().map_or(0, |c| {
         c.readable_len().saturating_sub(HEADER_LEN) + c.writable_len().saturating_sub(1)
@@ -1390,6 +1402,37 @@ mod tests {
     const HDR: u64 = 0x1000;
     const DATA: u64 = 0x2000;
     const STATUS: u64 = 0x3000;
+
+    #[test]
+    fn throttled_counts_each_hold_once() {
+        use crate::rate_limiter::Limit;
+        let counters = CounterSet::new(&BLOCK_COUNTERS);
+        let limits = Limits {
+            bytes: None,
+            // One request at once, the next a millisecond later.
+            ops: Some(Limit {
+                rate: 1000,
+                burst: 1,
+            }),
+        };
+        let mut limiter = Some(RateLimiter::new(limits).unwrap());
+        assert!(
+            admit(&mut limiter, 512, &counters),
+            "the burst lets one through"
+        );
+        for _ in 0..5 {
+            // Each wake-up while held asks again.
+            assert!(!admit(&mut limiter, 512, &counters));
+        }
+        assert_eq!(counters.get(counter::THROTTLED), 1);
+        // The timer ends the hold; a refusal after it is a new hold.
+        limiter.as_mut().unwrap().timer_fired();
+        let again = admit(&mut limiter, 512, &counters);
+        let holds = if again { 1 } else { 2 };
+        assert_eq!(counters.get(counter::THROTTLED), holds);
+        let mut none = None;
+        assert!(admit(&mut none, 1 << 30, &counters));
+    }
 
     /// A disk of 8 sectors, each filled with its own number, in a file deleted on drop.
     struct TestDisk {
