@@ -55,7 +55,10 @@ fi
 if [ "${WORK:-all}" != net ]; then
 	cmd="vmon-guest seq-read /dev/vda 768; vmon-guest rand-read /dev/vda 4; vmon-guest seq-write /dev/vda 256; $cmd"
 fi
-kvm_stats="exits irq_injections halt_exits mmio_exits io_exits irq_exits irq_window_exits signal_exits"
+# halt_*: how the vCPUs waited for interrupts, KVM polling (halt_poll_*_ns, CPU time the lab
+# spends) or sleeping (halt_wait_ns).
+kvm_stats="exits irq_injections halt_exits mmio_exits io_exits irq_exits irq_window_exits signal_exits
+	halt_attempted_poll halt_successful_poll halt_poll_success_ns halt_poll_fail_ns halt_wait_ns"
 if [ "${KVM_STATS:-0}" != 0 ] && ! [ -d /sys/kernel/debug/kvm ]; then
 	mount -t debugfs none /sys/kernel/debug || exit 2
 fi
@@ -180,7 +183,7 @@ both) vmms=(vmon qemu) ;;
 	done
 	;;
 esac
-echo "== ${vmms[*]} (vmon: $vmon), guest arguments: ${guest_args:-none}"
+echo "== ${vmms[*]} (vmon: $vmon), guest arguments: ${guest_args:-none}, lab halt_poll_ns: $(cat /sys/module/kvm/parameters/halt_poll_ns 2>/dev/null)"
 declare -A bad tcp
 for run in $(seq 1 "$runs"); do
 	# With both, they take turns, so that a slow stretch of the lab hits both alike.

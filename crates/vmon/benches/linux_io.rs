@@ -228,8 +228,15 @@ fn main() {
 
     let mut results: Vec<(&str, BTreeMap<String, Vec<f64>>)> =
         vec![("vmon", BTreeMap::new()), ("qemu q35", BTreeMap::new())];
-    for _ in 0..rounds {
-        for (name, into) in results.iter_mut() {
+    for round in 0..rounds {
+        // Who goes first alternates (vmon, QEMU, QEMU, vmon, ...): a guest's run can leave
+        // the lab in a state the next one pays for (memory to compact into huge pages,
+        // a busier or idler CPU), and a fixed order would charge it to one VMM.
+        let mut order: Vec<&mut (&str, BTreeMap<String, Vec<f64>>)> = results.iter_mut().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (name, into) in order {
             let append = cmdline(net, if *name == "vmon" { 9 } else { 10 });
             let mut cmd = if *name == "vmon" {
                 let mut c = in_ns(&common::vmon_bin());
