@@ -50,7 +50,9 @@ net_mib=512
 cmd="echo net-start; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && vmon-guest tcp-send 10.0.9.1:5201 $net_mib"
 if [ "${KVM_STATS:-0}" != 0 ]; then
 	# The guest's own interrupt counts around the transfer, to name what the exits were.
-	cmd="echo net-start; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && sed 's/^/irq-before /' /proc/interrupts && vmon-guest tcp-send 10.0.9.1:5201 $net_mib && sed 's/^/irq-after /' /proc/interrupts"
+	# tcp-go and tcp-end mark the transfer alone, for the CPU times (mark_cpu); the guest then
+# waits 2 s, so they are read before the VMM exits.
+	cmd="echo net-start; ip link set eth0 up && ip addr add 10.0.9.2/24 dev eth0 && sed 's/^/irq-before /' /proc/interrupts && grep '^cpu' /proc/stat | sed 's/^/stat-before /' && grep -A1 '^Tcp:' /proc/net/snmp | sed 's/^/snmp-before /' && grep eth0 /proc/net/dev | sed 's/^/dev-before /' && echo tcp-go && vmon-guest tcp-send 10.0.9.1:5201 $net_mib && echo tcp-end && grep '^cpu' /proc/stat | sed 's/^/stat-after /' && grep -A1 '^Tcp:' /proc/net/snmp | sed 's/^/snmp-after /' && grep eth0 /proc/net/dev | sed 's/^/dev-after /' && sleep 2 && sed 's/^/irq-after /' /proc/interrupts"
 fi
 if [ "${WORK:-all}" != net ]; then
 	cmd="vmon-guest seq-read /dev/vda 768; vmon-guest rand-read /dev/vda 4; vmon-guest seq-write /dev/vda 256; $cmd"
@@ -107,6 +109,19 @@ cpu_times() {
 		echo "recv - $((ns / 1000000))"
 	awk '$1 == "cpu" { print "lab busy", ($2 + $3 + $4 + $7 + $8) * 10; print "lab idle", ($5 + $6) * 10 }' /proc/stat
 }
+# CPU times (cpu_times) when the guest's console ($2) says the transfer starts (tcp-go) and
+# when it says it ended (tcp-end), to $1.go and $1.end. A loop of its own that looks every
+# 50 ms: sample_kvm's rounds take up to a second or more in the CPU-bound lab, and its
+# window missed up to a third of a transfer.
+mark_cpu() {
+	local pid
+	until grep -q '^tcp-go' "$2" 2>/dev/null; do sleep 0.05; done
+	pid=$(pgrep -n -f "^($vmon|qemu-system-x86_64) ")
+	[ -n "$pid" ] || return
+	cpu_times "$pid" >"$1.go"
+	until grep -q '^tcp-end' "$2" 2>/dev/null; do sleep 0.05; done
+	cpu_times "$pid" >"$1.end"
+}
 # Writes the running VM's KVM statistics to $1 every 0.2 s, and to $1.start the first time
 # the guest's console ($2) says the network phase starts (clearing the histograms then,
 # and writing them to $1.hist at each sample after).
@@ -138,7 +153,9 @@ sample_kvm() {
 vmm=${VMM:-vmon}
 guest_args=${GUEST_ARGS:-}
 cmd64=$(printf %s "$cmd" | base64 -w0)
-append="console=ttyS0 reboot=k,panic_warm panic=-1 i8042.noaux loglevel=7 $guest_args vmon.cmd=$cmd64 vmon.tty=0"
+# CONSOLE replaces the kernel console arguments; the I/O benchmark's are
+# "console=ttyS1 quiet" (its kernel log on the second UART, warnings only).
+append="${CONSOLE:-console=ttyS0 loglevel=7} reboot=k,panic_warm panic=-1 i8042.noaux $guest_args vmon.cmd=$cmd64 vmon.tty=0"
 # The command line that runs the guest under VMM $1.
 launch() {
 	case $1 in
@@ -196,8 +213,11 @@ for run in $(seq 1 "$runs"); do
 		sampler=""
 		if [ "${KVM_STATS:-0}" != 0 ]; then
 			rm -f "$out.kvm" "$out.kvm.start" "$out.kvm.hist" "$out.kvm.cpu" "$out.kvm.cpu.start"
+			rm -f "$out.mark.go" "$out.mark.end"
 			sample_kvm "$out.kvm" "$out" &
 			sampler=$!
+			mark_cpu "$out.mark" "$out" &
+			sampler+=" $!"
 		fi
 		timeout 300 ip netns exec "$ns" "${launch[@]}" </dev/null >"$out" 2>&1
 		status=$?
@@ -227,9 +247,16 @@ for run in $(seq 1 "$runs"); do
 						}' "$out.kvm.hist")"
 				done
 			fi
-			if [ -f "$out.kvm.cpu.start" ]; then
+			if [ -f "$out.mark.go" ] && [ -f "$out.mark.end" ]; then
 				# Summed per thread name (QEMU's pool threads share one), after minus before;
 				# a thread that ended in between is left out.
+				echo "== $v run $run, CPU ms during the transfer (tcp-go to tcp-end): $(awk '
+					FNR == NR { b[$1 " " $2] += $3; next }
+					{ a[$1 " " $2] += $3 }
+					END { for (k in a) if (k in b && a[k] - b[k] > 0) printf "%s %d; ", k, a[k] - b[k] }' \
+					"$out.mark.go" "$out.mark.end" | sed 's/thread //g')"
+			elif [ -f "$out.kvm.cpu.start" ]; then
+				# As above, over the sampler's coarser window.
 				echo "== $v run $run, CPU ms during the network phase: $(awk '
 					FNR == NR { b[$1 " " $2] += $3; next }
 					{ a[$1 " " $2] += $3 }
@@ -252,6 +279,32 @@ for run in $(seq 1 "$runs"); do
 					if ($1 == "irq-before") b[name] = n; else a[name] = n
 				}
 				END { for (k in a) if (a[k] - b[k] > 0) printf "%s %d; ", k, a[k] - b[k] }' "$out")"
+			# Where the guest's own CPUs spent the transfer (its /proc/stat, in ms): what a
+			# vCPU thread's time was spent on, from inside.
+			echo "== $v run $run, guest CPU ms during the transfer, both vCPUs: $(awk '
+				($1 == "stat-before" || $1 == "stat-after") && $2 == "cpu" {
+					for (i = 3; i <= 10; i++) v[$1, i] = $i
+				}
+				END {
+					split("user nice system idle iowait irq softirq steal", f, " ")
+					for (i = 3; i <= 10; i++) printf "%s %d; ", f[i - 2], (v["stat-after", i] - v["stat-before", i]) * 10
+				}' "$out")"
+			# TCP's own counters (segments out, retransmitted, in) and the interface's
+			# packets, from inside the guest: lost packets show as retransmissions.
+			echo "== $v run $run, guest TCP and eth0 during the transfer: $(awk '
+				($1 == "snmp-before" || $1 == "snmp-after") && $2 == "Tcp:" {
+					if ($3 ~ /^[A-Za-z]/) { for (i = 3; i <= NF; i++) name[i] = $i; next }
+					for (i = 3; i <= NF; i++) tcp[$1, name[i]] = $i
+				}
+				($1 == "dev-before" || $1 == "dev-after") {
+					sub(/eth0:/, "eth0: "); n = split($0, f, " ")
+					rxp[$1] = f[4]; txp[$1] = f[12]; rxd[$1] = f[6]; txd[$1] = f[14]
+				}
+				END {
+					split("OutSegs RetransSegs InSegs InErrs OutRsts", k, " ")
+					for (i = 1; i <= 5; i++) printf "%s %d; ", k[i], tcp["snmp-after", k[i]] - tcp["snmp-before", k[i]]
+					printf "eth0 rx packets %d, tx packets %d, rx drop %d, tx drop %d", rxp["dev-after"] - rxp["dev-before"], txp["dev-after"] - txp["dev-before"], rxd["dev-after"] - rxd["dev-before"], txd["dev-after"] - txd["dev-before"]
+				}' "$out")"
 		fi
 		echo "== $v run $run: exit $status in $(($(date +%s) - start)) s: $(grep -hoE '^(seq-read|tcp-send) .*|qemu_system_shutdown_request reason=[0-9]+' "$out" | tr '\n' ' ')"
 		tcp[$v]+="$(sed -n 's/^tcp-send \([0-9.]*\) MB.*/\1/p' "$out") "
