@@ -25,9 +25,11 @@
 # histogram triggers on KVM's tracepoints (SVM exit codes: 0x60 host interrupt, 0x64
 # interrupt window, 0x78 HLT, 0x7b port I/O, 0x7c MSR, 0x400 nested page fault).
 # With KVM_STATS, the probe also prints the CPU time each of the VMM's threads (by name),
-# the receiver and the whole lab spent in the network phase, from their schedstat and
+# the receiver and the whole lab spent in the transfer, from their schedstat and
 # /proc/stat: a VMM whose own threads take more CPU per MiB leaves less to the guest's
-# vCPUs on the lab's two CPUs.
+# vCPUs on the lab's two CPUs. It prints the guest's own view of the same stretch too:
+# its CPU time by kind (user, system, softirq, steal, from its /proc/stat), TCP's segment
+# and retransmission counters and eth0's packets.
 # PERF=1 (with KVM_STATS) also profiles the VMM process for 4 s of the network phase
 # (perf's cpu-clock: TCG has no PMU) and prints its top functions per thread.
 # LAB_THP=always|madvise|never sets the lab kernel's transparent huge pages first.
