@@ -931,8 +931,8 @@ impl Runner {
     /// thread to look again once its other events are handled (the tap's reply to what was
     /// just sent, typically). A driver in the middle of a burst then queues its next
     /// packets without notifying each time: a notification is a VM exit on every
-    /// hypervisor, and in the nested lab re-arming after every pass cost vmon's guests 5x
-    /// QEMU's transmit notifications and 1.6x its kernel time per MiB sent. Only a pass
+    /// hypervisor, and re-arming after every pass had vmon's guests in the nested lab
+    /// notify 5x as often as QEMU's for the same bytes (docs/benchmarks.md). Only a pass
     /// that finds nothing re-arms them. QEMU's transmit bottom half works the same way.
     fn transmit(&mut self) -> Result<(), QueueBroken> {
         self.tx_blocked = false;
