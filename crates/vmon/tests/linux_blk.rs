@@ -24,6 +24,11 @@ fn sha256(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
+/// A guest with one disk (`--disk` value `disk`) that runs `script` under `sh -c`.
+fn sh_with_disk(disk: &str, script: &str) -> Output {
+    guest(&["run", "--disk", disk, "--", "sh", "-c", script])
+}
+
 fn disk_arg(path: &Path, extra: &str) -> String {
     format!("path={}{extra}", path.display())
 }
@@ -37,15 +42,10 @@ fn guest_reads_a_random_disk_exactly() {
     let img = scratch.file("random.img", &pattern(64 * MIB, 0x5eed));
     let want = sha256(&img);
     let disk = disk_arg(&img, ",serial=vmon-test-01");
-    let out = guest(&[
-        "run",
-        "--disk",
+    let out = sh_with_disk(
         &disk,
-        "--",
-        "sh",
-        "-c",
         "sha256sum /dev/vda; cat /sys/block/vda/size /sys/block/vda/ro /sys/block/vda/serial; echo",
-    ]);
+    );
     assert_eq!(out.code(), 0);
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines[0], format!("{want}  /dev/vda"));
@@ -68,20 +68,15 @@ fn a_direct_disk_served_through_io_uring_reads_and_writes_exactly() {
     let data = pattern(32 * MIB, 0xd1ec);
     let img = scratch.file("direct.img", &data);
     let disk = disk_arg(&img, ",direct=on");
-    let out = guest(&[
-        "run",
-        "--disk",
+    let out = sh_with_disk(
         &disk,
-        "--",
-        "sh",
-        "-c",
         "sha256sum /dev/vda; \
          for i in 0 1 2 3; do \
            dd if=/dev/vda of=/dev/null bs=4k count=2048 skip=$((i * 2048)) iflag=direct 2>/dev/null & \
          done; wait; \
          dd if=/dev/vda of=/dev/vda bs=1M count=4 seek=16 iflag=direct oflag=direct conv=notrunc \
            2>/dev/null && sync && echo copied",
-    ]);
+    );
     assert_eq!(out.code(), 0);
     assert!(
         !out.stderr.contains("io_uring unavailable"),
@@ -164,15 +159,10 @@ fn a_read_only_disk_refuses_writes_and_stays_identical() {
     let disk = disk_arg(&img, ",readonly=on");
     // The kernel sees the RO feature and refuses writes itself; blockdev --setrw cannot
     // lift that, so the write below reaches vmon only if the device misreports itself.
-    let out = guest(&[
-        "run",
-        "--disk",
+    let out = sh_with_disk(
         &disk,
-        "--",
-        "sh",
-        "-c",
         "cat /sys/block/vda/ro;          blockdev --setrw /dev/vda 2>/dev/null;          if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct conv=notrunc 2>/dev/null;          then echo write-accepted; else echo write-refused; fi;          sync; sha256sum /dev/vda",
-    ]);
+    );
     assert_eq!(out.code(), 0);
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines[0], "1");
@@ -194,15 +184,10 @@ fn discard_punches_holes_in_the_image() {
     };
     assert!(allocated(&img) >= 16 * MIB as u64);
     let disk = disk_arg(&img, "");
-    let out = guest(&[
-        "run",
-        "--disk",
+    let out = sh_with_disk(
         &disk,
-        "--",
-        "sh",
-        "-c",
         "cat /sys/block/vda/queue/discard_max_bytes;          blkdiscard -o 4194304 -l 8388608 /dev/vda && echo discarded;          dd if=/dev/vda bs=1M skip=4 count=8 2>/dev/null | tr -d '\\000' | wc -c",
-    ]);
+    );
     assert_eq!(out.code(), 0);
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_ne!(lines[0], "0", "the guest sees discard support");
@@ -328,18 +313,13 @@ fn a_rate_limited_disk_is_held_to_its_limit() {
     // 2 MiB/s with a 2 MiB burst: reading 6 MiB cannot take less than 2 s, however fast
     // the host is. (Only the lower bound is a property of the limiter.)
     let disk = disk_arg(&img, ",bps=2M");
-    let out = guest(&[
-        "run",
-        "--disk",
+    let out = sh_with_disk(
         &disk,
-        "--",
-        "sh",
-        "-c",
         "read a _ </proc/uptime; \
          dd if=/dev/vda of=/dev/null bs=64k count=96 iflag=direct 2>/dev/null; \
          read b _ </proc/uptime; \
          echo $a $b",
-    ]);
+    );
     assert_eq!(out.code(), 0);
     let t: Vec<f64> = out
         .stdout
