@@ -36,7 +36,7 @@ use crate::chain::{self, Chain, Popped, Taken};
 use crate::metrics::{CounterSet, DeviceMetrics};
 use crate::rate_limiter::{Limits, RateLimiter};
 use crate::uring::Uring;
-use crate::worker::{AdaptivePoll, Parked, Wake, Worker};
+use crate::worker::{AdaptivePoll, EventLoop, Parked, Wake, Worker};
 use crate::{
     device_id, ActivateError, Activation, DeviceState, DeviceStateError, PauseError, VirtioDevice,
     COMMON_FEATURES,
@@ -230,6 +230,23 @@ impl Disk {
 
     pub fn sectors(&self) -> u64 {
         self.sectors
+    }
+
+    /// A writable disk of `sectors` on `file` as it is, with O_DIRECT's path (every
+    /// transfer goes to the ring): on a pipe, storage that answers only when the test says.
+    #[cfg(test)]
+    pub(crate) fn on_file_for_tests(file: File, sectors: u64) -> Disk {
+        Disk {
+            file,
+            counters: CounterSet::new(&BLOCK_COUNTERS),
+            limits: Limits::default(),
+            poll: Duration::ZERO,
+            aio: Aio::default(),
+            sectors,
+            readonly: false,
+            direct: true,
+            serial: [0; SERIAL_LEN],
+        }
     }
 }
 
@@ -449,22 +466,39 @@ impl VirtioDevice for Block {
                     };
                     match wake {
                         // Stopping here, between passes, with what was in flight finished
-                        // and in the used ring, leaves nothing in flight.
+                        // and in the used ring, leaves nothing in flight. A pause that
+                        // gave up waiting for the storage withdraws its request: then
+                        // what finished meanwhile is returned and serving goes on.
                         Wake::Stop => {
-                            match in_flight
-                                .as_mut()
-                                .map(|f| f.settle(&disk, mem, &mut q.queue))
-                            {
-                                Some(Ok(true)) => a.interrupt.signal_queue(0),
-                                Some(Ok(false)) | None => {}
+                            let drained = match &mut in_flight {
+                                Some(f) => f.drain_for_stop(&disk, mem, &mut used, &events),
+                                None => Ok(true),
+                            };
+                            let given_back = give_back(&mut q.queue, mem, &mut used);
+                            match (drained, given_back) {
+                                (Ok(drained), Ok(signal)) => {
+                                    if signal {
+                                        a.interrupt.signal_queue(0);
+                                    }
+                                    if drained && events.confirm_stop() {
+                                        return Parked {
+                                            backend: disk,
+                                            queues: vec![q.queue],
+                                        };
+                                    }
+                                    tokens = Vec::new();
+                                }
                                 // Requests the driver offered were not all returned: a
                                 // snapshot must not pass for complete.
-                                Some(Err(e)) => a.interrupt.fail_device(&e),
+                                (Err(e), _) => {
+                                    a.interrupt.fail_device(&e);
+                                    break;
+                                }
+                                (_, Err(e)) => {
+                                    a.interrupt.fail_device(&e.to_string());
+                                    break;
+                                }
                             }
-                            return Parked {
-                                backend: disk,
-                                queues: vec![q.queue],
-                            };
                         }
                         Wake::Ready(t) => tokens = t,
                     }
@@ -507,13 +541,24 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+    fn pause(&mut self, within: Duration) -> Result<Vec<Queue>, PauseError> {
         let Some(w) = self.worker.take() else {
             return Ok(Vec::new());
         };
-        let parked = w.stop().ok_or(PauseError::ThreadDied)?;
-        self.disk = Some(parked.backend);
-        Ok(parked.queues)
+        match w.try_stop(within) {
+            Ok(parked) => {
+                let parked = parked.ok_or(PauseError::ThreadDied)?;
+                self.disk = Some(parked.backend);
+                Ok(parked.queues)
+            }
+            Err((w, busy)) => {
+                self.worker = Some(w);
+                Err(PauseError::Busy {
+                    device: self.name.clone(),
+                    waited: busy.waited,
+                })
+            }
+        }
     }
 
     fn save_state(&self) -> DeviceState {
@@ -1122,6 +1167,30 @@ impl InFlight {
         let given_back = give_back(queue, mem, &mut used).map_err(|e| e.to_string());
         drained?;
         given_back
+    }
+
+    /// [`Self::drain`] for a stop request: whether everything finished, or (false) the
+    /// request was withdrawn first, leaving the rest in flight.
+    fn drain_for_stop(
+        &mut self,
+        disk: &Disk,
+        mem: &GuestMemory,
+        used: &mut Vec<(u16, u32)>,
+        events: &EventLoop,
+    ) -> Result<bool, String> {
+        while self.count > 0 {
+            if events.stop_withdrawn() {
+                return Ok(false);
+            }
+            if let Err(e) = self.uring.wait_or(events.withdrawn_fd()) {
+                return Err(format!(
+                    "waiting for {} requests in flight: {e}",
+                    self.count
+                ));
+            }
+            self.reap(disk, mem, used);
+        }
+        Ok(true)
     }
 
     /// Waits for everything in flight and finishes it.

@@ -97,6 +97,13 @@ pub enum PauseError {
     /// The device thread panicked: its queues and backend are gone.
     #[error("the device thread died; its queues and backend are lost")]
     ThreadDied,
+    /// Requests in flight did not finish in time (storage that stopped answering); the
+    /// device goes on running as if never asked.
+    #[error("{device}: requests still in flight after {:.1} s (the storage is not answering)", .waited.as_secs_f64())]
+    Busy {
+        device: String,
+        waited: std::time::Duration,
+    },
 }
 
 /// A device's own guest-visible state, beyond what the transport holds. Backends are not
@@ -172,7 +179,11 @@ pub trait VirtioDevice: Send {
     /// [`VirtioDevice::activate`] got them. Guest-visible state and the backend stay, so an
     /// activation with [`Activation::resumed`] continues, and a reset still works. Does
     /// nothing (and returns no queues) when the device is not running.
-    fn pause(&mut self) -> Result<Vec<Queue>, PauseError>;
+    ///
+    /// A device whose requests wait on a backend (a disk's storage) gives them `within`
+    /// to finish; if they do not, it goes on running and says so with
+    /// [`PauseError::Busy`]. The others stop at once.
+    fn pause(&mut self, within: std::time::Duration) -> Result<Vec<Queue>, PauseError>;
     /// The device's guest-visible state (configuration space and the like).
     fn save_state(&self) -> DeviceState;
     /// Applies a saved state to a device freshly built around new wiring, before it is

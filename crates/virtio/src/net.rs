@@ -496,7 +496,7 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+    fn pause(&mut self, _within: std::time::Duration) -> Result<Vec<Queue>, PauseError> {
         let Some(w) = self.worker.take() else {
             return Ok(Vec::new());
         };
@@ -1919,10 +1919,13 @@ mod tests {
         h.tx.offer(&h.mem, &[(0x2_0000, p.len() as u32, false)]);
         h.tx_kick.write(1).unwrap();
         h.tx.wait_used(&h.mem, 1);
-        let queues = h.net.pause().unwrap();
+        let queues = h.net.pause(std::time::Duration::ZERO).unwrap();
         assert_eq!(queues.len(), 2);
         assert_eq!((queues[TX].next_avail(), queues[TX].next_used()), (1, 1));
-        assert!(h.net.pause().unwrap().is_empty(), "nothing left running");
+        assert!(
+            h.net.pause(std::time::Duration::ZERO).unwrap().is_empty(),
+            "nothing left running"
+        );
         // Offered while the device was paused, without a notification.
         h.tx.offer(&h.mem, &[(0x2_0000, p.len() as u32, false)]);
         let queues = queues

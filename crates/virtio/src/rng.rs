@@ -112,7 +112,7 @@ impl VirtioDevice for Rng {
         }
     }
 
-    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+    fn pause(&mut self, _within: std::time::Duration) -> Result<Vec<Queue>, PauseError> {
         let Some(w) = self.worker.take() else {
             return Ok(Vec::new());
         };

@@ -28,6 +28,7 @@
 //! back, [`VirtioPci::resume`] hands them out again. A restored transport starts parked.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub mod persist;
 
@@ -41,7 +42,9 @@ use vmon_devices::pci::PciDevice;
 use vmon_memory::GuestMemory;
 
 use crate::interrupt::{Interrupt, NO_VECTOR};
-use crate::{Activation, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::{
+    Activation, ActiveQueue, PauseError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 pub const BAR_SIZE: u64 = 0x8000;
 const COMMON: u64 = 0x0000;
@@ -239,32 +242,37 @@ impl VirtioPci {
     /// used ring. Guest-visible state is untouched, the backend stays with the device, and
     /// [`VirtioPci::resume`] continues. Call with the vCPUs paused, so the driver adds
     /// nothing meanwhile. Does nothing unless the device is running. A device whose thread
-    /// died is marked DEVICE_NEEDS_RESET (its queues are lost) and stays parked.
-    pub fn quiesce(&mut self) {
+    /// died is marked DEVICE_NEEDS_RESET (its queues are lost) and stays parked. A device
+    /// whose requests in flight do not finish `within` (a disk on storage that stopped
+    /// answering) goes on running, and the error says so.
+    pub fn quiesce(&mut self, within: Duration) -> Result<(), PauseError> {
         if self.run != Run::Running {
-            return;
+            return Ok(());
         }
-        self.run = Run::Parked;
-        let queues = match self.device.pause() {
+        let queues = match self.device.pause(within) {
             Ok(q) => q,
-            Err(e) => {
+            Err(e @ PauseError::Busy { .. }) => return Err(e),
+            Err(e @ PauseError::ThreadDied) => {
+                self.run = Run::Parked;
                 self.interrupt.fail_device(&e.to_string());
-                return;
+                return Ok(());
             }
         };
+        self.run = Run::Parked;
         if queues.len() != self.handed.len() {
             self.interrupt.fail_device(&format!(
                 "the device returned {} queues, it had {}",
                 queues.len(),
                 self.handed.len()
             ));
-            return;
+            return Ok(());
         }
         for (&i, q) in self.handed.iter().zip(&queues) {
             if let Some(slot) = self.queues.get_mut(i) {
                 *slot = q.state();
             }
         }
+        Ok(())
     }
 
     /// Starts a parked device again: after [`VirtioPci::quiesce`], or after a restore once
@@ -844,7 +852,7 @@ mod tests {
             }
         }
         fn reset(&mut self) {}
-        fn pause(&mut self) -> Result<Vec<Queue>, crate::PauseError> {
+        fn pause(&mut self, _: std::time::Duration) -> Result<Vec<Queue>, crate::PauseError> {
             Ok(Vec::new())
         }
         fn save_state(&self) -> crate::DeviceState {

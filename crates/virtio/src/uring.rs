@@ -30,6 +30,8 @@ pub struct Uring {
     completions: EventFd,
     /// Submission queue entries pushed and not yet handed to the kernel.
     unsubmitted: usize,
+    /// [`Uring::reap`]'s buffer, kept so that reaping does not allocate.
+    reaped: Vec<(u64, i32)>,
 }
 
 impl Uring {
@@ -59,6 +61,7 @@ impl Uring {
             ring,
             completions,
             unsubmitted: 0,
+            reaped: Vec::with_capacity(entries as usize),
         })
     }
 
@@ -150,19 +153,43 @@ impl Uring {
         }
     }
 
+    /// Submits what is queued and waits until a completion is ready or `other` becomes
+    /// readable.
+    pub fn wait_or(&mut self, other: RawFd) -> io::Result<()> {
+        self.submit()?;
+        if !self.ring.completion().is_empty() {
+            return Ok(());
+        }
+        let mut fds = [self.completions.as_raw_fd(), other].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        loop {
+            // SAFETY: poll reads and writes the two pollfds of an array we own.
+            if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
     /// Takes every completion ready: `(tag, result)`, the result being a byte count or a
     /// negative errno.
     pub fn reap(&mut self, mut each: impl FnMut(u64, i32)) {
         let _ = self.completions.read();
-        // Collected first: `each` may queue new entries (a short transfer's remainder).
-        let ready: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (tag, result) in ready {
+        // Collected first, since `each` may queue new entries (a short transfer's
+        // remainder); into a buffer kept between calls, as this runs on every wake-up.
+        let mut ready = std::mem::take(&mut self.reaped);
+        ready.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(tag, result) in &ready {
             each(tag, result);
         }
+        ready.clear();
+        self.reaped = ready;
     }
 }
 

@@ -4,9 +4,16 @@
 //! writes are synchronous system calls, and on a shared loop a slow disk would hold up
 //! every other device's queues. Each thread waits in epoll on its queues' eventfds, its
 //! backend's descriptors and a stop eventfd.
+//!
+//! Stopping comes in two kinds. [`Worker::stop`] (a reset, the VM's end) waits for the
+//! thread however long it takes. [`Worker::try_stop`] (a pause for a snapshot) waits a
+//! bounded time and then withdraws its request: a disk whose storage stopped answering
+//! must fail the snapshot, not hang the VMM's API with it. A device thread learns of a
+//! withdrawn request from [`EventLoop::confirm_stop`] and goes on serving as before.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,9 +33,77 @@ pub struct Parked<B> {
 /// The token reserved for the stop eventfd.
 const STOP: u64 = u64::MAX;
 
+/// Where a stop request stands, shared by a [`Worker`] and its thread's [`EventLoop`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopState {
+    /// No request.
+    Running,
+    /// Asked to stop, by [`Worker::try_stop`] if `may_withdraw`.
+    Requested { may_withdraw: bool },
+    /// The asker gave up waiting; the thread clears the request when it next looks.
+    Withdrawn,
+    /// The thread has committed to stopping (or has ended): too late to withdraw.
+    Stopping,
+}
+
+struct StopShared {
+    state: Mutex<StopState>,
+    changed: Condvar,
+    /// Readable while a request, or a withdrawn one not yet cleared, is pending.
+    stop: EventFd,
+    /// Readable once a request is withdrawn: for a thread that waits on something other
+    /// than its event loop (a disk draining its requests in flight).
+    withdrawn: EventFd,
+}
+
+impl StopShared {
+    fn new() -> io::Result<Self> {
+        Ok(StopShared {
+            state: Mutex::new(StopState::Running),
+            changed: Condvar::new(),
+            stop: EventFd::new(EFD_NONBLOCK)?,
+            withdrawn: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StopState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn request(&self, may_withdraw: bool) {
+        *self.lock() = StopState::Requested { may_withdraw };
+        let _ = self.stop.write(1);
+    }
+
+    /// The thread's side of a withdrawn request: forget it and go on.
+    fn clear(&self, state: &mut StopState) {
+        let _ = self.stop.read();
+        let _ = self.withdrawn.read();
+        *state = StopState::Running;
+    }
+}
+
+/// Marks the thread [`StopState::Stopping`] when its body returns or panics, so that a
+/// [`Worker::try_stop`] waiting for it wakes up.
+struct Ended(Arc<StopShared>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        *self.0.lock() = StopState::Stopping;
+        self.0.changed.notify_all();
+    }
+}
+
+/// Why [`Worker::try_stop`] came back without the backend: the thread did not stop in
+/// time and goes on running.
+#[derive(Debug)]
+pub struct StillBusy {
+    pub waited: Duration,
+}
+
 /// A running device thread; it hands back its backend `B` when stopped.
 pub struct Worker<B> {
-    stop: EventFd,
+    shared: Arc<StopShared>,
     handle: Option<JoinHandle<B>>,
 }
 
@@ -39,25 +114,58 @@ impl<B: Send + 'static> Worker<B> {
         name: String,
         body: impl FnOnce(EventLoop) -> B + Send + 'static,
     ) -> io::Result<Self> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let events = EventLoop::new(stop.try_clone()?)?;
-        let handle = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || body(events))?;
+        let shared = Arc::new(StopShared::new()?);
+        let events = EventLoop::new(shared.clone())?;
+        let ended = Ended(shared.clone());
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            let _ended = ended;
+            body(events)
+        })?;
         Ok(Worker {
-            stop,
+            shared,
             handle: Some(handle),
         })
     }
 
-    /// Stops the thread and returns its backend (None if the thread panicked).
+    /// Stops the thread, however long that takes, and returns its backend (None if the
+    /// thread panicked).
     pub fn stop(mut self) -> Option<B> {
         self.stop_and_join()
     }
 
+    /// Asks the thread to stop and waits at most `within` for it to commit to stopping.
+    /// If it has not by then (a disk waiting for storage that does not answer), the
+    /// request is withdrawn and the worker comes back, still running. `Ok(None)`: the
+    /// thread panicked.
+    pub fn try_stop(mut self, within: Duration) -> Result<Option<B>, (Self, StillBusy)> {
+        let started = Instant::now();
+        self.shared.request(true);
+        let mut state = self.shared.lock();
+        loop {
+            if *state == StopState::Stopping {
+                drop(state);
+                return Ok(self.handle.take().and_then(|h| h.join().ok()));
+            }
+            let left = within.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                *state = StopState::Withdrawn;
+                let _ = self.shared.withdrawn.write(1);
+                drop(state);
+                let waited = started.elapsed();
+                return Err((self, StillBusy { waited }));
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     fn stop_and_join(&mut self) -> Option<B> {
         let handle = self.handle.take()?;
-        let _ = self.stop.write(1);
+        self.shared.request(false);
         handle.join().ok()
     }
 }
@@ -65,7 +173,7 @@ impl<B: Send + 'static> Worker<B> {
 impl<B> Drop for Worker<B> {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
-            let _ = self.stop.write(1);
+            self.shared.request(false);
             let _ = handle.join();
         }
     }
@@ -74,7 +182,7 @@ impl<B> Drop for Worker<B> {
 /// epoll over the device's descriptors, with `u64` tokens chosen by the device.
 pub struct EventLoop {
     epoll: Epoll,
-    _stop: EventFd,
+    shared: Arc<StopShared>,
     ready: Vec<EpollEvent>,
 }
 
@@ -85,18 +193,55 @@ pub enum Wake {
 }
 
 impl EventLoop {
-    pub(crate) fn new(stop: EventFd) -> io::Result<Self> {
+    fn new(shared: Arc<StopShared>) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
-            stop.as_raw_fd(),
+            shared.stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, STOP),
         )?;
         Ok(EventLoop {
             epoll,
-            _stop: stop,
+            shared,
             ready: vec![EpollEvent::default(); 32],
         })
+    }
+
+    /// An event loop with no thread behind it (nothing can ask it to stop), for tests that
+    /// drive a device's loop body by hand.
+    #[cfg(test)]
+    pub(crate) fn detached() -> io::Result<Self> {
+        EventLoop::new(Arc::new(StopShared::new()?))
+    }
+
+    /// After [`Wake::Stop`], once the device has finished what it had in flight: whether
+    /// to stop now. False if the request was withdrawn meanwhile ([`Worker::try_stop`] gave
+    /// up): the request is then forgotten and the device goes on serving.
+    pub fn confirm_stop(&self) -> bool {
+        let mut state = self.shared.lock();
+        if *state == StopState::Withdrawn {
+            self.shared.clear(&mut state);
+            return false;
+        }
+        *state = StopState::Stopping;
+        self.shared.changed.notify_all();
+        true
+    }
+
+    /// Whether the pending stop request was withdrawn: a device draining its requests in
+    /// flight for a stop can give up and go back to serving.
+    pub fn stop_withdrawn(&self) -> bool {
+        let state = self.shared.lock();
+        if *state != StopState::Withdrawn {
+            // Woken by an old withdrawal that a new request replaced: keep waiting.
+            let _ = self.shared.withdrawn.read();
+        }
+        *state == StopState::Withdrawn
+    }
+
+    /// Becomes readable when a stop request is withdrawn (see [`Self::stop_withdrawn`]).
+    pub fn withdrawn_fd(&self) -> RawFd {
+        self.shared.withdrawn.as_raw_fd()
     }
 
     /// Watches `fd` for readability (and writability if `writable`) under `token`.
@@ -148,7 +293,7 @@ impl EventLoop {
         let fresh = Epoll::new().and_then(|epoll| {
             epoll.ctl(
                 ControlOperation::Add,
-                self._stop.as_raw_fd(),
+                self.shared.stop.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, STOP),
             )?;
             Ok(epoll)
@@ -157,7 +302,7 @@ impl EventLoop {
             Ok(epoll) => self.epoll = epoll,
             Err(e) => tracing::error!("device event loop: cannot go idle: {e}"),
         }
-        while !matches!(self.wait(), Wake::Stop) {}
+        while !(matches!(self.wait(), Wake::Stop) && self.confirm_stop()) {}
     }
 
     /// Blocks until something is ready. The stop request wins over everything else.
@@ -175,9 +320,18 @@ impl EventLoop {
         loop {
             match self.epoll.wait(timeout_ms, &mut self.ready) {
                 Ok(n) => {
-                    let tokens: Vec<u64> = self.ready[..n].iter().map(|e| e.data()).collect();
+                    let mut tokens: Vec<u64> = self.ready[..n].iter().map(|e| e.data()).collect();
                     if tokens.contains(&STOP) {
-                        return Wake::Stop;
+                        let mut state = self.shared.lock();
+                        if *state != StopState::Withdrawn {
+                            return Wake::Stop;
+                        }
+                        // A request given up on before this thread saw it.
+                        self.shared.clear(&mut state);
+                        tokens.retain(|&t| t != STOP);
+                        if tokens.is_empty() && timeout_ms != 0 {
+                            continue;
+                        }
                     }
                     return Wake::Ready(tokens);
                 }
@@ -371,5 +525,78 @@ mod tests {
         kick.write(1).unwrap();
         rx.recv().unwrap();
         assert_eq!(w.stop(), Some(2));
+    }
+
+    /// A worker counting kicks on an eventfd; `on_stop` runs when it sees a stop request,
+    /// before it confirms it, and `before_loop` before it first waits.
+    fn counter(
+        before_loop: std::sync::mpsc::Receiver<()>,
+        on_stop: std::sync::mpsc::Receiver<()>,
+    ) -> (Worker<u32>, EventFd, std::sync::mpsc::Receiver<u32>) {
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick2 = kick.try_clone().unwrap();
+        let (served_tx, served) = std::sync::mpsc::channel();
+        let w = Worker::spawn("counter".into(), move |mut events| {
+            events.add(kick2.as_raw_fd(), 7, false).unwrap();
+            let _ = before_loop.recv();
+            let mut count = 0;
+            loop {
+                match events.wait() {
+                    Wake::Stop => {
+                        let _ = on_stop.recv();
+                        if events.confirm_stop() {
+                            return count;
+                        }
+                    }
+                    Wake::Ready(t) => {
+                        assert_eq!(t, vec![7]);
+                        let _ = kick2.read();
+                        count += 1;
+                        served_tx.send(count).unwrap();
+                    }
+                }
+            }
+        })
+        .unwrap();
+        (w, kick, served)
+    }
+
+    #[test]
+    fn a_stop_given_up_on_leaves_the_thread_serving() {
+        let (start, before_loop) = std::sync::mpsc::channel();
+        let (release, on_stop) = std::sync::mpsc::channel();
+        let (w, kick, served) = counter(before_loop, on_stop);
+        start.send(()).unwrap();
+        // The thread takes the request but cannot finish what it has in flight.
+        let (w, busy) = match w.try_stop(Duration::from_millis(100)) {
+            Err(e) => e,
+            Ok(_) => panic!("stopped without finishing"),
+        };
+        assert!(busy.waited >= Duration::from_millis(100), "{busy:?}");
+        // It finishes after the asker gave up: it goes on serving.
+        release.send(()).unwrap();
+        kick.write(1).unwrap();
+        assert_eq!(served.recv_timeout(Duration::from_secs(5)), Ok(1));
+        // A later request it can finish in time stops it.
+        release.send(()).unwrap();
+        assert_eq!(w.try_stop(Duration::from_secs(5)).ok(), Some(Some(1)));
+    }
+
+    #[test]
+    fn a_stop_withdrawn_before_the_thread_saw_it_is_forgotten() {
+        let (start, before_loop) = std::sync::mpsc::channel();
+        let (release, on_stop) = std::sync::mpsc::channel();
+        let (w, kick, served) = counter(before_loop, on_stop);
+        // The thread is busy outside its loop (a long synchronous write) the whole time.
+        let (w, _) = match w.try_stop(Duration::from_millis(50)) {
+            Err(e) => e,
+            Ok(_) => panic!("stopped while busy"),
+        };
+        start.send(()).unwrap();
+        kick.write(1).unwrap();
+        assert_eq!(served.recv_timeout(Duration::from_secs(5)), Ok(1));
+        // Stopping for good still works after a withdrawn request.
+        release.send(()).unwrap();
+        assert_eq!(w.stop(), Some(1));
     }
 }

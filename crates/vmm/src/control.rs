@@ -49,6 +49,10 @@ pub struct SnapshotReport {
 
 /// How long `pause` waits for every vCPU to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a snapshot waits for each device to finish the requests it has in flight.
+/// Longer than any request takes on working storage; storage that has stopped answering
+/// (a lost network volume) fails the snapshot after it instead of hanging the API.
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a vCPU that has not parked yet is kicked again.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
 /// Longest orderly-shutdown timeout the API accepts.
@@ -420,11 +424,16 @@ impl VmControl {
             }
         };
         // Device threads stop between requests, so every request taken from a ring is
-        // completed (or put back) and the rings' indices are final.
-        for f in &self.sources.virtio {
-            lock(f).quiesce();
-        }
-        let result = self.write_snapshot(dir);
+        // completed (or put back) and the rings' indices are final. Storage that does not
+        // finish what the guest asked of it in time fails the snapshot rather than hang
+        // it; the devices stopped so far start again below.
+        let quiesced = self
+            .sources
+            .virtio
+            .iter()
+            .try_for_each(|f| lock(f).quiesce(QUIESCE_TIMEOUT))
+            .map_err(|e| ApiError::unavailable(format!("cannot snapshot now: {e}")));
+        let result = quiesced.and_then(|()| self.write_snapshot(dir));
         if !(stop_after && result.is_ok()) {
             for f in &self.sources.virtio {
                 lock(f).resume();

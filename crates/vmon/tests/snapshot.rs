@@ -437,3 +437,234 @@ fn a_snapshot_cut_short_by_sigterm_leaves_no_files() {
     assert!(!snap.join("vm.state").exists(), "a state file was written");
     assert_eq!(memory_files(&snap), Vec::<String>::new(), "{stderr}");
 }
+
+/// A small ext4 file system on a loop device, mounted in `dir`, that the test can freeze:
+/// writes to a frozen file system wait until it thaws, as on storage that stopped
+/// answering. Thawed, unmounted and detached on drop, whatever the test did.
+struct FreezableFs {
+    mount: PathBuf,
+    device: String,
+}
+
+impl FreezableFs {
+    /// None (having said why) where this host cannot: not root, no loop devices.
+    fn new(dir: &Scratch) -> Option<FreezableFs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: freezing a file system needs root");
+            return None;
+        }
+        let image = dir.path().join("fs.img");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir_all(&mount).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let run = |cmd: &str, args: &[&str]| -> Result<String, String> {
+            let out = Command::new(cmd)
+                .args(args)
+                .output()
+                .map_err(|e| format!("{cmd}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{cmd} {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let image_s = image.to_str().unwrap();
+        let device = match run("losetup", &["--find", "--show", image_s]) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("skipped: no loop device for a freezable file system ({e})");
+                return None;
+            }
+        };
+        let fs = FreezableFs { mount, device };
+        // From here on a failure is the test's: a root host with loop devices has these.
+        run("mkfs.ext4", &["-q", "-F", &fs.device]).unwrap();
+        run("mount", &[&fs.device, fs.mount.to_str().unwrap()]).unwrap();
+        Some(fs)
+    }
+
+    fn freeze(&self, frozen: bool) {
+        let how = if frozen { "--freeze" } else { "--unfreeze" };
+        let st = Command::new("fsfreeze")
+            .args([how, self.mount.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "fsfreeze {how} failed");
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        let mount = self.mount.to_str().unwrap();
+        let quietly = |cmd: &str, args: &[&str]| {
+            let _ = Command::new(cmd).args(args).stderr(Stdio::null()).status();
+        };
+        quietly("fsfreeze", &["--unfreeze", mount]);
+        // Lazily: a VM killed a moment ago may still hold the disk image open. The loop
+        // device then goes once the file system is released.
+        quietly("umount", &["-l", mount]);
+        quietly("losetup", &["-d", &self.device]);
+    }
+}
+
+/// A VM that a failed assertion must not leave running. Killed, not waited for: it may be
+/// stuck on the frozen file system, which thaws after this.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("still running")
+    }
+
+    /// Kills the VM and fails the test with `what` and everything it printed.
+    fn fail(&mut self, out: &mut Vec<u8>, what: &str) -> ! {
+        let mut child = self.0.take().expect("still running");
+        let _ = child.kill();
+        let (code, err) = finish(child, out);
+        panic!(
+            "{what}; vmon ended with {code}, its output:\n{}\n{err}",
+            String::from_utf8_lossy(out)
+        );
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+        }
+    }
+}
+
+/// A guest whose disk write waits on storage that stopped answering (a frozen file
+/// system): a snapshot fails within its time limit, saying which disk, rather than hang
+/// the API; the VM runs on, the write lands once the storage answers, and a snapshot then
+/// succeeds.
+#[test]
+fn a_snapshot_on_storage_that_stopped_answering_fails_in_time_and_the_vm_runs_on() {
+    require_kvm!();
+    use tg::virtio::*;
+    let dir = Scratch::new("snapshot-frozen");
+    let Some(fs) = FreezableFs::new(&dir) else {
+        return;
+    };
+    let disk = fs.mount.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+
+    // The driver: one write of sector 0 from 0x5C bytes, then it waits (polling ISR, one
+    // exit per look, so it can wait for hours) for the completion, prints what it saw in
+    // ISR and the request's status, and waits until vmon is stopped (for the device to
+    // leave LIVE, which it does not; ISR would not do: a resumed device may raise it).
+    const DESC: u64 = 0x40_0000;
+    const AVAIL: u64 = 0x40_1000;
+    const USED: u64 = 0x40_2000;
+    const HDR: u64 = 0x41_0000;
+    const DATA: u64 = 0x41_1000;
+    const STATUS_BYTE: u64 = 0x41_2000;
+    let mut s = tg::script::Script::new();
+    s.base_from_bar0(0, 1, 0).pci_write16(0, 1, 0, 0x04, 0x0006);
+    s.write_rel(1, STATUS, 0)
+        .write_rel(1, STATUS, ACK)
+        .write_rel(1, STATUS, ACK | DRIVER)
+        .write_rel(4, GF_SELECT, 1)
+        .write_rel(4, GF, F_VERSION_1 >> 32)
+        .write_rel(1, STATUS, ACK | DRIVER | FEATURES_OK)
+        .write_rel(2, Q_SELECT, 0)
+        .write_rel(2, Q_SIZE, u64::from(QUEUE_MAX));
+    for (reg, addr) in [(Q_DESC, DESC), (Q_DRIVER, AVAIL), (Q_DEVICE, USED)] {
+        s.write_rel(4, reg, addr).write_rel(4, reg + 4, 0);
+    }
+    s.write_rel(2, Q_ENABLE, 1).write_rel(1, STATUS, LIVE);
+    s.write(8, HDR, u64::from(T_OUT))
+        .write(8, HDR + 8, 0)
+        .fill(DATA, 512, 0x5C)
+        .write(1, STATUS_BYTE, 0xFF);
+    for (i, (addr, len, flags, next)) in [
+        (HDR, 16, NEXT, 1),
+        (DATA, 512, NEXT, 2),
+        (STATUS_BYTE, 1, W, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (at, value) in descriptor(DESC, i as u16, addr, len, flags, next) {
+            s.write(8, at, value);
+        }
+    }
+    s.write(2, AVAIL + 4, 0)
+        .write(2, AVAIL + 2, 1)
+        .write_rel(2, NOTIFY, 0)
+        .print("sent\n")
+        .wait_ne_rel(1, ISR, 0, u32::MAX)
+        .read(1, STATUS_BYTE)
+        .wait_ne_rel(1, STATUS, LIVE, u32::MAX);
+    let kernel = dir.file("writer", &tg::script_elf(&s));
+    let socket = dir.path().join("api.sock");
+
+    fs.freeze(true);
+    let mut vm = KillOnDrop(Some(spawn(&[
+        "run",
+        "--memory",
+        "64M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ])));
+    let mut out = Vec::new();
+    // The BAR's address (a value line), then "sent".
+    read_lines(vm.child(), &mut out, 2);
+    if !out.ends_with(b"\nsent\n") {
+        vm.fail(&mut out, "the guest did not start its write");
+    }
+    wait_socket(&socket, Duration::from_secs(10));
+    // Give the write time to reach the frozen file system.
+    std::thread::sleep(Duration::from_millis(200));
+
+    let snap = dir.path().join("snap");
+    let body = format!(r#"{{"dir": "{}"}}"#, snap.display());
+    let asked = Instant::now();
+    let (status, answer) = post(&socket, "/v1/vm/snapshot", &body);
+    let took = asked.elapsed();
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer.contains("disk0: requests still in flight after 5.0 s")
+            && answer.contains("storage is not answering"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(15), "the refusal took {took:?}");
+    assert!(!snap.join("vm.state").exists(), "no snapshot left behind");
+    let (_, vm_info) = get(&socket, "/v1/vm");
+    assert!(vm_info.contains("\"running\""), "{vm_info}");
+
+    // The storage answers again: the write completes and the guest sees it done.
+    fs.freeze(false);
+    read_lines(vm.child(), &mut out, 4);
+    // After the BAR: what the wait saw in ISR (the queue's bit), and the request's status.
+    if tg::script::parse_values(&String::from_utf8_lossy(&out))[1..] != [1, S_OK] {
+        vm.fail(
+            &mut out,
+            "the write did not complete once the storage answered",
+        );
+    }
+    let (status, answer) = post(&socket, "/v1/vm/snapshot", &body);
+    assert_eq!(status, 200, "{answer}");
+    assert!(snap.join("vm.state").is_file());
+    assert_eq!(post(&socket, "/v1/vm/stop", "").0, 202);
+    let (code, err) = finish(vm.0.take().unwrap(), &mut out);
+    assert_eq!(code, 0, "{err}");
+    let written = std::fs::read(&disk).unwrap();
+    assert!(
+        written[..512].iter().all(|&b| b == 0x5C),
+        "the write landed"
+    );
+    assert!(written[512..].iter().all(|&b| b == 0));
+}

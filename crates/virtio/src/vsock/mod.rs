@@ -325,7 +325,7 @@ impl VirtioDevice for Vsock {
         }
     }
 
-    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+    fn pause(&mut self, _within: Duration) -> Result<Vec<Queue>, PauseError> {
         let Some(w) = self.worker.take() else {
             return Ok(Vec::new());
         };

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{ConnKey, BUF_ALLOC, SHUTDOWN_TIMEOUT};
 use super::muxer::{parse_connect, read_line, LineRead, FIRST_LOCAL_PORT, MAX_LINE};
@@ -62,7 +61,7 @@ impl Rig {
             socket: dir.0.join("v.sock"),
         })
         .unwrap();
-        let ev = EventLoop::new(EventFd::new(0).unwrap()).unwrap();
+        let ev = EventLoop::detached().unwrap();
         let mut mux = Muxer::new(backend, CID);
         mux.listen(&ev, 3).unwrap();
         Rig {

@@ -25,6 +25,8 @@ use crate::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const BAR: u64 = 0xC000_0000;
 const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+/// What the tests give a device to finish its requests in flight when it is paused.
+const QUIESCE: Duration = Duration::from_secs(5);
 
 type Mock<'a> = MockSplitQueue<'a, GuestMemory>;
 
@@ -94,7 +96,7 @@ impl VirtioDevice for Probe {
     fn reset(&mut self) {
         lock(&self.0).queues.clear();
     }
-    fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
+    fn pause(&mut self, _: Duration) -> Result<Vec<Queue>, PauseError> {
         Ok(std::mem::take(&mut lock(&self.0).queues))
     }
     fn save_state(&self) -> DeviceState {
@@ -357,7 +359,7 @@ fn every_register_reads_back_the_same_after_a_restore() {
     write(&mut f, COMMON, 1, 4);
     write(&mut f, COMMON + 0x08, 1, 4);
     assert!(matches!(f.save(), Err(VirtioStateError::NotQuiesced)));
-    f.quiesce();
+    f.quiesce(QUIESCE).unwrap();
     assert!(!f.is_running());
     let state = f.save().unwrap();
     assert_eq!(state.queues[0].next_avail, 1);
@@ -402,8 +404,8 @@ fn quiesce_and_resume_within_a_process_continue_the_queues() {
     let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
     let (mut f, log) = busy_probe(&mem, &vq);
     let before = dump(&mut f);
-    f.quiesce();
-    f.quiesce(); // twice is harmless
+    f.quiesce(QUIESCE).unwrap();
+    f.quiesce(QUIESCE).unwrap(); // twice is harmless
     assert!(
         lock(&log).queues.is_empty(),
         "the queues are back with the transport"
@@ -428,7 +430,7 @@ fn a_function_saved_before_driver_ok_restores_inactive() {
     let (mut f, _) = probe(&mem, Recorder::default());
     negotiate(&mut f, FEATURES);
     setup_queue(&mut f, 0, &vq, 0);
-    f.quiesce(); // nothing running: nothing to do
+    f.quiesce(QUIESCE).unwrap(); // nothing running: nothing to do
     let state = through_json(&f.save().unwrap());
     let (mut g, log) = restore_probe(&mem, &state).unwrap();
     g.resume();
@@ -565,7 +567,7 @@ fn block_requests_are_served_once_across_a_restore() {
     wait_used(&vq, 1);
     assert_eq!((first.status(&mem), first.data(&mem)), (0, vec![1; 512]));
 
-    f.quiesce();
+    f.quiesce(QUIESCE).unwrap();
     let json = serde_json::to_string(&f.save().unwrap()).unwrap();
     drop(f); // lets go of the disk's lock, as the old process would
              // Were the first request served again, this would be overwritten.
@@ -674,12 +676,12 @@ fn vsock_tells_the_driver_once_that_its_connections_are_gone() {
     assert!(f.is_running());
 
     // Within the process, connections survive a pause: nothing to tell the driver.
-    f.quiesce();
+    f.quiesce(QUIESCE).unwrap();
     f.resume();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(used_idx(&ev), 0);
 
-    f.quiesce();
+    f.quiesce(QUIESCE).unwrap();
     let state = through_json(&f.save().unwrap());
     assert_eq!(
         state.device,
@@ -740,7 +742,7 @@ fn vsock_waits_for_an_event_buffer_to_post_the_reset() {
         setup_queue(&mut f, i as u16, vq, NO_VECTOR);
     }
     driver_ok(&mut f);
-    f.quiesce();
+    f.quiesce(QUIESCE).unwrap();
     let state = through_json(&f.save().unwrap());
     drop(f);
     let device = Vsock::new(3, VsockBackend::bind(&opts).unwrap());
@@ -749,7 +751,7 @@ fn vsock_waits_for_an_event_buffer_to_post_the_reset() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(used_idx(&queues[2]), 0, "no buffer, no event yet");
     // Still owed after another pause.
-    g.quiesce();
+    g.quiesce(QUIESCE).unwrap();
     g.resume();
     // A buffer too small for the event goes back empty; the next one carries it.
     queues[2]
@@ -769,7 +771,7 @@ fn saved_probe() -> (GuestMemory, VirtioPciState) {
     let mem = memory();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
     let (mut f, _) = busy_probe(&mem, &vq);
-    f.quiesce();
+    f.quiesce(QUIESCE).unwrap();
     let state = f.save().unwrap();
     drop(f);
     (mem, state)
@@ -910,7 +912,7 @@ fn mangled_states_never_panic() {
                 restored += 1;
                 g.resume();
                 dump(&mut g);
-                g.quiesce();
+                g.quiesce(QUIESCE).unwrap();
                 g.save().unwrap();
             }
         }
@@ -933,4 +935,85 @@ fn collect_leaves(v: &serde_json::Value, path: String, out: &mut Vec<String>) {
         serde_json::Value::Number(_) | serde_json::Value::Bool(_) => out.push(path),
         _ => {}
     }
+}
+
+#[test]
+fn a_disk_whose_storage_does_not_answer_fails_the_pause_and_serves_on() {
+    // The "storage" is a pipe: a read stays in flight until the test writes its data.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into an array we own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are new and owned by nothing else.
+    let (storage, mut answer) = unsafe {
+        use std::os::unix::io::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    if let Err(e) = crate::uring::Uring::new(std::os::unix::io::AsRawFd::as_raw_fd(&storage), 8) {
+        eprintln!("skipped: this host refuses io_uring: {e}");
+        return;
+    }
+    let mem = memory();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    let disk = Disk::on_file_for_tests(storage, 8);
+    let mut f = VirtioPci::new(
+        Box::new(Block::new(disk, "vda".into())),
+        mem.clone(),
+        BAR,
+        Box::new(Recorder::default()),
+    )
+    .unwrap();
+    negotiate(&mut f, FEATURES);
+    setup_queue(&mut f, 0, &vq, 0);
+    driver_ok(&mut f);
+    let first = Read::at(0x2_0000);
+    first.offer(&mem, &vq, 0, 1);
+    write(&mut f, NOTIFY, 0, 2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(used_idx(&vq), 0, "the read waits for its storage");
+
+    let asked = Instant::now();
+    let refused = f.quiesce(Duration::from_millis(200));
+    let Err(PauseError::Busy { device, waited }) = refused else {
+        panic!("a pause with a request stuck in flight gave {refused:?}");
+    };
+    assert_eq!(device, "vda");
+    assert!(waited >= Duration::from_millis(200), "waited {waited:?}");
+    assert!(asked.elapsed() < Duration::from_secs(3), "the pause hung");
+    assert!(f.is_running(), "the device goes on");
+    assert_eq!(status(&mut f) & status::NEEDS_RESET, 0);
+
+    // The storage answers: the read completes, and the device serves new requests.
+    answer.write_all(&[0xA1; 512]).unwrap();
+    wait_used(&vq, 1);
+    assert_eq!((first.status(&mem), first.data(&mem)), (0, vec![0xA1; 512]));
+    let second = Read::at(0x3_0000);
+    second.offer(&mem, &vq, 3, 2);
+    write(&mut f, NOTIFY, 0, 2);
+    answer.write_all(&[0xB2; 512]).unwrap();
+    wait_used(&vq, 2);
+    assert_eq!(
+        (second.status(&mem), second.data(&mem)),
+        (0, vec![0xB2; 512])
+    );
+
+    // Storage that answers within the time given: the pause waits for it and succeeds.
+    let third = Read::at(0x4_0000);
+    third.offer(&mem, &vq, 6, 3);
+    write(&mut f, NOTIFY, 0, 2);
+    std::thread::sleep(Duration::from_millis(50));
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        answer.write_all(&[0xC3; 512]).unwrap();
+        answer
+    });
+    f.quiesce(QUIESCE).unwrap();
+    assert!(!f.is_running());
+    assert_eq!(used_idx(&vq), 3, "paused with nothing in flight");
+    assert_eq!((third.status(&mem), third.data(&mem)), (0, vec![0xC3; 512]));
+    let _answer = late.join().unwrap();
+    f.resume();
+    assert!(f.is_running());
 }
