@@ -551,11 +551,11 @@ impl VirtioDevice for Block {
                 self.disk = Some(parked.backend);
                 Ok(parked.queues)
             }
-            Err((w, busy)) => {
+            Err((w, _)) => {
                 self.worker = Some(w);
                 Err(PauseError::Busy {
                     device: self.name.clone(),
-                    waited: busy.waited,
+                    after: within,
                 })
             }
         }

@@ -97,12 +97,12 @@ pub enum PauseError {
     /// The device thread panicked: its queues and backend are gone.
     #[error("the device thread died; its queues and backend are lost")]
     ThreadDied,
-    /// Requests in flight did not finish in time (storage that stopped answering); the
-    /// device goes on running as if never asked.
-    #[error("{device}: requests still in flight after {:.1} s (the storage is not answering)", .waited.as_secs_f64())]
+    /// Requests in flight did not finish within the time given (storage that stopped
+    /// answering); the device goes on running as if never asked.
+    #[error("{device}: requests still in flight after {after:?} (the storage is not answering)")]
     Busy {
         device: String,
-        waited: std::time::Duration,
+        after: std::time::Duration,
     },
 }
 

@@ -8,8 +8,10 @@
 //! Stopping comes in two kinds. [`Worker::stop`] (a reset, the VM's end) waits for the
 //! thread however long it takes. [`Worker::try_stop`] (a pause for a snapshot) waits a
 //! bounded time and then withdraws its request: a disk whose storage stopped answering
-//! must fail the snapshot, not hang the VMM's API with it. A device thread learns of a
-//! withdrawn request from [`EventLoop::confirm_stop`] and goes on serving as before.
+//! must fail the snapshot, not hang the VMM's API with it. A thread busy elsewhere when
+//! the request came finds it withdrawn in [`EventLoop::wait`], which forgets it; a thread
+//! that took the request finds out in [`EventLoop::confirm_stop`] (or, while it waits for
+//! its requests in flight, [`EventLoop::stop_withdrawn`]). Either way it goes on serving.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -38,8 +40,8 @@ const STOP: u64 = u64::MAX;
 enum StopState {
     /// No request.
     Running,
-    /// Asked to stop, by [`Worker::try_stop`] if `may_withdraw`.
-    Requested { may_withdraw: bool },
+    /// Asked to stop.
+    Requested,
     /// The asker gave up waiting; the thread clears the request when it next looks.
     Withdrawn,
     /// The thread has committed to stopping (or has ended): too late to withdraw.
@@ -70,8 +72,14 @@ impl StopShared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn request(&self, may_withdraw: bool) {
-        *self.lock() = StopState::Requested { may_withdraw };
+    fn request(&self) {
+        let mut state = self.lock();
+        // A thread that has ended (or committed to it) stays so: a request now would
+        // leave `try_stop` waiting for a thread that is gone.
+        if *state != StopState::Stopping {
+            *state = StopState::Requested;
+        }
+        drop(state);
         let _ = self.stop.write(1);
     }
 
@@ -136,10 +144,12 @@ impl<B: Send + 'static> Worker<B> {
     /// Asks the thread to stop and waits at most `within` for it to commit to stopping.
     /// If it has not by then (a disk waiting for storage that does not answer), the
     /// request is withdrawn and the worker comes back, still running. `Ok(None)`: the
-    /// thread panicked.
+    /// thread panicked. Only for a body that, on [`Wake::Stop`], calls
+    /// [`EventLoop::confirm_stop`] before it returns: one that returns at once could end
+    /// after the request was withdrawn, and the worker would come back without a thread.
     pub fn try_stop(mut self, within: Duration) -> Result<Option<B>, (Self, StillBusy)> {
         let started = Instant::now();
-        self.shared.request(true);
+        self.shared.request();
         let mut state = self.shared.lock();
         loop {
             if *state == StopState::Stopping {
@@ -165,7 +175,7 @@ impl<B: Send + 'static> Worker<B> {
 
     fn stop_and_join(&mut self) -> Option<B> {
         let handle = self.handle.take()?;
-        self.shared.request(false);
+        self.shared.request();
         handle.join().ok()
     }
 }
@@ -173,7 +183,7 @@ impl<B: Send + 'static> Worker<B> {
 impl<B> Drop for Worker<B> {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
-            self.shared.request(false);
+            self.shared.request();
             let _ = handle.join();
         }
     }
@@ -598,5 +608,15 @@ mod tests {
         // Stopping for good still works after a withdrawn request.
         release.send(()).unwrap();
         assert_eq!(w.stop(), Some(1));
+    }
+
+    #[test]
+    fn a_thread_that_already_ended_is_not_taken_for_a_busy_one() {
+        // A body that ends on its own, as a device loop does when its epoll fails.
+        let w = Worker::spawn("ended".into(), |_events| 7u32).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        assert_eq!(w.try_stop(Duration::from_secs(5)).ok(), Some(Some(7)));
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }
