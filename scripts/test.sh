@@ -9,7 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf 'test.sh: %s\n' "$*" >&2; }
 
-packages=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd e2fsprogs curl)
+# util-linux and mount: the snapshot test that freezes a loop-mounted ext4 (fsfreeze, losetup).
+packages=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd e2fsprogs util-linux mount curl)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
