@@ -544,26 +544,35 @@ impl Read {
     }
 }
 
-#[test]
-fn block_requests_are_served_once_across_a_restore() {
-    let disk = TestDisk::new("blk", 8);
-    let mem = memory();
-    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+/// `block` behind a transport, set up by the driver (with MSI-X vector 0 programmed if
+/// `msix`) and running, with a read of sector 1 offered and notified.
+fn started_disk(block: Block, mem: &GuestMemory, vq: &Mock<'_>, msix: bool) -> (VirtioPci, Read) {
     let mut f = VirtioPci::new(
-        Box::new(disk.block()),
+        Box::new(block),
         mem.clone(),
         BAR,
         Box::new(Recorder::default()),
     )
     .unwrap();
-    enable_msix(&mut f);
-    program_vector(&mut f, 0, 0xFEE0_0000, 0x41, false);
+    if msix {
+        enable_msix(&mut f);
+        program_vector(&mut f, 0, 0xFEE0_0000, 0x41, false);
+    }
     negotiate(&mut f, FEATURES);
-    setup_queue(&mut f, 0, &vq, 0);
+    setup_queue(&mut f, 0, vq, 0);
     driver_ok(&mut f);
     let first = Read::at(0x2_0000);
-    first.offer(&mem, &vq, 0, 1);
+    first.offer(mem, vq, 0, 1);
     write(&mut f, NOTIFY, 0, 2);
+    (f, first)
+}
+
+#[test]
+fn block_requests_are_served_once_across_a_restore() {
+    let disk = TestDisk::new("blk", 8);
+    let mem = memory();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    let (mut f, first) = started_disk(disk.block(), &mem, &vq, true);
     wait_used(&vq, 1);
     assert_eq!((first.status(&mem), first.data(&mem)), (0, vec![1; 512]));
 
@@ -958,22 +967,10 @@ fn a_disk_whose_storage_does_not_answer_fails_the_pause_and_serves_on() {
     let mem = memory();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
     let disk = Disk::on_file_for_tests(storage, 8);
-    let mut f = VirtioPci::new(
-        Box::new(Block::new(disk, "vda".into())),
-        mem.clone(),
-        BAR,
-        Box::new(Recorder::default()),
-    )
-    .unwrap();
+    let (mut f, first) = started_disk(Block::new(disk, "vda".into()), &mem, &vq, false);
     // Dropped before `f` when a check fails: the stuck read then ends (end of file), and
     // stopping the device does not wait for it forever.
     let mut answer = answer;
-    negotiate(&mut f, FEATURES);
-    setup_queue(&mut f, 0, &vq, 0);
-    driver_ok(&mut f);
-    let first = Read::at(0x2_0000);
-    first.offer(&mem, &vq, 0, 1);
-    write(&mut f, NOTIFY, 0, 2);
     wait_taken(&mem, &vq, 1);
 
     let asked = Instant::now();
