@@ -551,7 +551,7 @@ impl VirtioDevice for Block {
                 self.disk = Some(parked.backend);
                 Ok(parked.queues)
             }
-            Err((w, _)) => {
+            Err(w) => {
                 self.worker = Some(w);
                 Err(PauseError::Busy {
                     device: self.name.clone(),

@@ -102,13 +102,6 @@ impl Drop for Ended {
     }
 }
 
-/// Why [`Worker::try_stop`] came back without the backend: the thread did not stop in
-/// time and goes on running.
-#[derive(Debug)]
-pub struct StillBusy {
-    pub waited: Duration,
-}
-
 /// A running device thread; it hands back its backend `B` when stopped.
 pub struct Worker<B> {
     shared: Arc<StopShared>,
@@ -143,11 +136,11 @@ impl<B: Send + 'static> Worker<B> {
 
     /// Asks the thread to stop and waits at most `within` for it to commit to stopping.
     /// If it has not by then (a disk waiting for storage that does not answer), the
-    /// request is withdrawn and the worker comes back, still running. `Ok(None)`: the
+    /// request is withdrawn and the worker comes back (`Err`), still running. `Ok(None)`: the
     /// thread panicked. Only for a body that, on [`Wake::Stop`], calls
     /// [`EventLoop::confirm_stop`] before it returns: one that returns at once could end
     /// after the request was withdrawn, and the worker would come back without a thread.
-    pub fn try_stop(mut self, within: Duration) -> Result<Option<B>, (Self, StillBusy)> {
+    pub fn try_stop(mut self, within: Duration) -> Result<Option<B>, Self> {
         let started = Instant::now();
         self.shared.request();
         let mut state = self.shared.lock();
@@ -161,8 +154,7 @@ impl<B: Send + 'static> Worker<B> {
                 *state = StopState::Withdrawn;
                 let _ = self.shared.withdrawn.write(1);
                 drop(state);
-                let waited = started.elapsed();
-                return Err((self, StillBusy { waited }));
+                return Err(self);
             }
             state = self
                 .shared
@@ -578,11 +570,12 @@ mod tests {
         let (w, kick, served) = counter(before_loop, on_stop);
         start.send(()).unwrap();
         // The thread takes the request but cannot finish what it has in flight.
-        let (w, busy) = match w.try_stop(Duration::from_millis(100)) {
-            Err(e) => e,
-            Ok(_) => panic!("stopped without finishing"),
+        let asked = Instant::now();
+        let Err(w) = w.try_stop(Duration::from_millis(100)) else {
+            panic!("stopped without finishing");
         };
-        assert!(busy.waited >= Duration::from_millis(100), "{busy:?}");
+        let waited = asked.elapsed();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
         // It finishes after the asker gave up: it goes on serving.
         release.send(()).unwrap();
         kick.write(1).unwrap();
@@ -598,9 +591,8 @@ mod tests {
         let (release, on_stop) = std::sync::mpsc::channel();
         let (w, kick, served) = counter(before_loop, on_stop);
         // The thread is busy outside its loop (a long synchronous write) the whole time.
-        let (w, _) = match w.try_stop(Duration::from_millis(50)) {
-            Err(e) => e,
-            Ok(_) => panic!("stopped while busy"),
+        let Err(w) = w.try_stop(Duration::from_millis(50)) else {
+            panic!("stopped while busy");
         };
         start.send(()).unwrap();
         kick.write(1).unwrap();
