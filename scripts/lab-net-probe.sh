@@ -98,7 +98,8 @@ read_hists() {
 			tr -s ' '
 	done
 }
-# CPU time in ms so far: "thread NAME ms" per thread of the VMM (pid $1), "recv ms" for the
+# CPU time in ms so far: "thread NAME ms" and "wakes NAME N" (times it slept) per thread of
+# the VMM (pid $1), "recv ms" for the
 # receiver, and "lab-busy ms" / "lab-idle ms" from /proc/stat (jiffies of 10 ms).
 cpu_times() {
 	local t name ns
@@ -106,6 +107,9 @@ cpu_times() {
 		name=$(tr ' ' _ <"$t/comm" 2>/dev/null) || continue
 		read -r ns _ 2>/dev/null <"$t/schedstat" || continue
 		echo "thread $name $((ns / 1000000))"
+		# How often it slept and was woken (voluntary context switches): each wake-up is a
+		# trip through the lab kernel's scheduler, which TCG makes dear.
+		awk -v n="$name" '$1 == "voluntary_ctxt_switches:" { print "wakes", n, $2 }' "$t/status" 2>/dev/null
 	done
 	t=$(pgrep -n -f "tcp-recv 5201") && read -r ns _ 2>/dev/null <"/proc/$t/schedstat" &&
 		echo "recv - $((ns / 1000000))"
