@@ -359,7 +359,9 @@ impl VirtioDevice for Block {
         let mut q = a.queues.remove(0);
         let poll_max = disk.poll;
         let name = self.name.clone();
-        let worker = Worker::spawn(format!("virtio-blk {}", self.name), move |mut events| {
+        let thread = format!("virtio-blk {}", self.name);
+        let on_panic = a.interrupt.fail_on_panic(&thread);
+        let worker = Worker::spawn(thread, on_panic, move |mut events| {
             let mem = &a.memory;
             let notify = q.notify.as_raw_fd();
             let mut in_flight = InFlight::new(&disk, &name);

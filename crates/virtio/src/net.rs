@@ -475,10 +475,10 @@ impl VirtioDevice for Net {
             rx_limiter,
             rx_throttled: false,
         };
-        let worker = Worker::spawn(format!("virtio-net {}", self.name), move |events| {
-            runner.run(events)
-        })
-        .map_err(ActivateError::Thread)?;
+        let thread = format!("virtio-net {}", self.name);
+        let on_panic = runner.interrupt.fail_on_panic(&thread);
+        let worker = Worker::spawn(thread, on_panic, move |events| runner.run(events))
+            .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -70,33 +70,38 @@ impl VirtioDevice for Rng {
         }
         let mut q = a.queues.remove(0);
         let counters = self.counters.clone();
-        let worker = Worker::spawn("virtio-rng".into(), move |mut events: EventLoop| {
-            let run = |events: &mut EventLoop, q: &mut crate::ActiveQueue| {
-                if let Err(e) = events.add(q.notify.as_raw_fd(), 0, false) {
-                    a.interrupt.fail_device(&format!("watching the queue: {e}"));
-                    return;
-                }
-                loop {
-                    let _ = q.notify.read();
-                    match serve_counted(&mut q.queue, &a.memory, &counters) {
-                        Ok(true) => a.interrupt.signal_queue(0),
-                        Ok(false) => {}
-                        Err(e) => {
-                            a.interrupt.fail_device(&e.to_string());
+        let on_panic = a.interrupt.fail_on_panic("virtio-rng");
+        let worker = Worker::spawn(
+            "virtio-rng".into(),
+            on_panic,
+            move |mut events: EventLoop| {
+                let run = |events: &mut EventLoop, q: &mut crate::ActiveQueue| {
+                    if let Err(e) = events.add(q.notify.as_raw_fd(), 0, false) {
+                        a.interrupt.fail_device(&format!("watching the queue: {e}"));
+                        return;
+                    }
+                    loop {
+                        let _ = q.notify.read();
+                        match serve_counted(&mut q.queue, &a.memory, &counters) {
+                            Ok(true) => a.interrupt.signal_queue(0),
+                            Ok(false) => {}
+                            Err(e) => {
+                                a.interrupt.fail_device(&e.to_string());
+                                return;
+                            }
+                        }
+                        if let Wake::Stop = events.wait() {
                             return;
                         }
                     }
-                    if let Wake::Stop = events.wait() {
-                        return;
-                    }
+                };
+                run(&mut events, &mut q);
+                Parked {
+                    backend: (),
+                    queues: vec![q.queue],
                 }
-            };
-            run(&mut events, &mut q);
-            Parked {
-                backend: (),
-                queues: vec![q.queue],
-            }
-        })
+            },
+        )
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         Ok(())

@@ -13,8 +13,10 @@
 //! that took the request finds out in [`EventLoop::confirm_stop`] (or, while it waits for
 //! its requests in flight, [`EventLoop::stop_withdrawn`]). Either way it goes on serving.
 
+use std::any::Any;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -105,22 +107,36 @@ impl Drop for Ended {
 /// A running device thread; it hands back its backend `B` when stopped.
 pub struct Worker<B> {
     shared: Arc<StopShared>,
-    handle: Option<JoinHandle<B>>,
+    /// Joins to None if the body panicked.
+    handle: Option<JoinHandle<Option<B>>>,
 }
 
 impl<B: Send + 'static> Worker<B> {
     /// Starts `body` on a thread named `name`. `body` gets an [`EventLoop`] already watching
     /// the stop eventfd and returns its backend when the loop says to stop.
+    ///
+    /// A panic in `body` (a vmon bug a guest may have reached) ends this thread alone:
+    /// `on_panic` hears what it said, so that the device can tell its driver
+    /// ([`crate::interrupt::Interrupt::fail_on_panic`]) instead of going silent, and the
+    /// worker then stops as one whose thread died. The VMM and its other devices go on.
     pub fn spawn(
         name: String,
+        on_panic: impl FnOnce(&str) + Send + 'static,
         body: impl FnOnce(EventLoop) -> B + Send + 'static,
     ) -> io::Result<Self> {
         let shared = Arc::new(StopShared::new()?);
         let events = EventLoop::new(shared.clone())?;
         let ended = Ended(shared.clone());
         let handle = std::thread::Builder::new().name(name).spawn(move || {
+            // Dropped last: a `try_stop` waiting on the thread wakes after `on_panic` ran.
             let _ended = ended;
-            body(events)
+            match panic::catch_unwind(AssertUnwindSafe(|| body(events))) {
+                Ok(backend) => Some(backend),
+                Err(payload) => {
+                    on_panic(panic_message(payload.as_ref()));
+                    None
+                }
+            }
         })?;
         Ok(Worker {
             shared,
@@ -147,7 +163,7 @@ impl<B: Send + 'static> Worker<B> {
         loop {
             if *state == StopState::Stopping {
                 drop(state);
-                return Ok(self.handle.take().and_then(|h| h.join().ok()));
+                return Ok(self.handle.take().and_then(|h| h.join().ok().flatten()));
             }
             let left = within.saturating_sub(started.elapsed());
             if left.is_zero() {
@@ -168,7 +184,7 @@ impl<B: Send + 'static> Worker<B> {
     fn stop_and_join(&mut self) -> Option<B> {
         let handle = self.handle.take()?;
         self.shared.request();
-        handle.join().ok()
+        handle.join().ok().flatten()
     }
 }
 
@@ -179,6 +195,15 @@ impl<B> Drop for Worker<B> {
             let _ = handle.join();
         }
     }
+}
+
+/// What a panic said: its message when it had one (`panic!` with a literal or a format).
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// epoll over the device's descriptors, with `u64` tokens chosen by the device.
@@ -485,12 +510,16 @@ mod tests {
         let noisy = EventFd::new(EFD_NONBLOCK).unwrap();
         let noisy2 = noisy.try_clone().unwrap();
         noisy.write(1).unwrap();
-        let w = Worker::spawn("idle".into(), move |mut events| {
-            events.add(noisy2.as_raw_fd(), 1, false).unwrap();
-            let before = thread_cpu_time();
-            events.idle_until_stop();
-            thread_cpu_time() - before
-        })
+        let w = Worker::spawn(
+            "idle".into(),
+            |_| {},
+            move |mut events| {
+                events.add(noisy2.as_raw_fd(), 1, false).unwrap();
+                let before = thread_cpu_time();
+                events.idle_until_stop();
+                thread_cpu_time() - before
+            },
+        )
         .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(200));
         let spent = w.stop().unwrap();
@@ -506,21 +535,25 @@ mod tests {
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let kick2 = kick.try_clone().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let w = Worker::spawn("test".into(), move |mut events| {
-            events.add(kick2.as_raw_fd(), 7, false).unwrap();
-            let mut seen = 0;
-            loop {
-                match events.wait() {
-                    Wake::Stop => return seen,
-                    Wake::Ready(t) => {
-                        assert_eq!(t, vec![7]);
-                        let _ = kick2.read();
-                        seen += 1;
-                        tx.send(()).unwrap();
+        let w = Worker::spawn(
+            "test".into(),
+            |_| {},
+            move |mut events| {
+                events.add(kick2.as_raw_fd(), 7, false).unwrap();
+                let mut seen = 0;
+                loop {
+                    match events.wait() {
+                        Wake::Stop => return seen,
+                        Wake::Ready(t) => {
+                            assert_eq!(t, vec![7]);
+                            let _ = kick2.read();
+                            seen += 1;
+                            tx.send(()).unwrap();
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
         .unwrap();
         kick.write(1).unwrap();
         rx.recv().unwrap();
@@ -538,27 +571,31 @@ mod tests {
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let kick2 = kick.try_clone().unwrap();
         let (served_tx, served) = std::sync::mpsc::channel();
-        let w = Worker::spawn("counter".into(), move |mut events| {
-            events.add(kick2.as_raw_fd(), 7, false).unwrap();
-            let _ = before_loop.recv();
-            let mut count = 0;
-            loop {
-                match events.wait() {
-                    Wake::Stop => {
-                        let _ = on_stop.recv();
-                        if events.confirm_stop() {
-                            return count;
+        let w = Worker::spawn(
+            "counter".into(),
+            |_| {},
+            move |mut events| {
+                events.add(kick2.as_raw_fd(), 7, false).unwrap();
+                let _ = before_loop.recv();
+                let mut count = 0;
+                loop {
+                    match events.wait() {
+                        Wake::Stop => {
+                            let _ = on_stop.recv();
+                            if events.confirm_stop() {
+                                return count;
+                            }
+                        }
+                        Wake::Ready(t) => {
+                            assert_eq!(t, vec![7]);
+                            let _ = kick2.read();
+                            count += 1;
+                            served_tx.send(count).unwrap();
                         }
                     }
-                    Wake::Ready(t) => {
-                        assert_eq!(t, vec![7]);
-                        let _ = kick2.read();
-                        count += 1;
-                        served_tx.send(count).unwrap();
-                    }
                 }
-            }
-        })
+            },
+        )
         .unwrap();
         (w, kick, served)
     }
@@ -605,10 +642,43 @@ mod tests {
     #[test]
     fn a_thread_that_already_ended_is_not_taken_for_a_busy_one() {
         // A body that ends on its own, as a device loop does when its epoll fails.
-        let w = Worker::spawn("ended".into(), |_events| 7u32).unwrap();
+        let w = Worker::spawn("ended".into(), |_| {}, |_events| 7u32).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let started = Instant::now();
         assert_eq!(w.try_stop(Duration::from_secs(5)).ok(), Some(Some(7)));
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_panic_ends_the_thread_alone_and_is_reported() {
+        let (told, heard) = std::sync::mpsc::channel();
+        let (kick, kicked) = std::sync::mpsc::channel::<u32>();
+        let w = Worker::spawn(
+            "doomed".into(),
+            move |why| told.send(why.to_string()).unwrap(),
+            move |_events| -> u32 {
+                let n = kicked.recv().unwrap();
+                panic!("descriptor {n} points nowhere");
+            },
+        )
+        .unwrap();
+        kick.send(7).unwrap();
+        let why = heard.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(why, "descriptor 7 points nowhere");
+        // A snapshot's pause finds the thread gone at once, neither busy nor hung.
+        let started = Instant::now();
+        assert!(matches!(w.try_stop(Duration::from_secs(5)), Ok(None)));
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        // `stop` (a reset) too, and a literal message comes through as well.
+        let (told, heard) = std::sync::mpsc::channel();
+        let w = Worker::spawn(
+            "doomed".into(),
+            move |why| told.send(why.to_string()).unwrap(),
+            |_events| -> u32 { panic!("plain") },
+        )
+        .unwrap();
+        assert_eq!(heard.recv_timeout(Duration::from_secs(5)).unwrap(), "plain");
+        assert_eq!(w.stop(), None);
     }
 }

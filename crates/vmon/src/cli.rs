@@ -294,7 +294,44 @@ pub(crate) fn fail(message: impl std::fmt::Display, code: i32) -> i32 {
     code
 }
 
+/// A panic is a vmon bug. Where one is contained (a vCPU thread ends the VM with a fault, a
+/// device thread fails its device and the VM runs on), the user reads one line saying so
+/// instead of Rust's report with its advice about backtraces. With RUST_BACKTRACE set, whoever
+/// is debugging gets the full report.
+fn install_panic_hook() {
+    let full_report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::env::var_os("RUST_BACKTRACE").is_some() {
+            return full_report(info);
+        }
+        let thread = std::thread::current();
+        let at = info.location().map(|l| (l.file(), l.line()));
+        eprintln!("{}", panic_line(thread.name(), at, info.payload()));
+    }));
+}
+
+/// The one line a panic prints: where, in which thread, and what it said.
+fn panic_line(
+    thread: Option<&str>,
+    at: Option<(&str, u32)>,
+    payload: &(dyn std::any::Any + Send),
+) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    let at = at
+        .map(|(file, line)| format!(" at {file}:{line}"))
+        .unwrap_or_default();
+    format!(
+        "vmon: internal error in thread '{}'{at}: {what} (a bug; please report it)",
+        thread.unwrap_or("unnamed")
+    )
+}
+
 pub fn main() -> i32 {
+    install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
@@ -497,6 +534,27 @@ fn report(e: VmmError) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_reads_as_one_line_naming_the_thread() {
+        let formatted: Box<dyn std::any::Any + Send> = Box::new(format!("chain {} bad", 3));
+        assert_eq!(
+            panic_line(
+                Some("virtio-blk disk0"),
+                Some(("crates/virtio/src/block.rs", 42)),
+                formatted.as_ref()
+            ),
+            "vmon: internal error in thread 'virtio-blk disk0' at crates/virtio/src/block.rs:42: \
+             chain 3 bad (a bug; please report it)"
+        );
+        let literal: Box<dyn std::any::Any + Send> = Box::new("plain");
+        let opaque: Box<dyn std::any::Any + Send> = Box::new(7u8);
+        assert_eq!(
+            panic_line(None, None, literal.as_ref()),
+            "vmon: internal error in thread 'unnamed': plain (a bug; please report it)"
+        );
+        assert!(panic_line(None, None, opaque.as_ref()).contains(": (no message) ("));
+    }
 
     #[test]
     fn quoting_survives_the_shell() {

@@ -285,7 +285,8 @@ impl VirtioDevice for Vsock {
             counters: self.counters.clone(),
         };
         tracing::debug!(cid, features, resumed, "virtio-vsock: activated");
-        let worker = Worker::spawn("virtio-vsock".into(), move |mut events| {
+        let on_panic = ctx.interrupt.fail_on_panic("virtio-vsock");
+        let worker = Worker::spawn("virtio-vsock".into(), on_panic, move |mut events| {
             let mut held = held;
             let mut q = q;
             let ended = serve(&mut held, &mut q, &ctx, &mut events);

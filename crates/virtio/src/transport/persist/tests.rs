@@ -1061,3 +1061,116 @@ fn wait_taken(mem: &GuestMemory, vq: &Mock<'_>, n: u16) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// A device whose thread panics at its first notification: a stand-in for a bug a guest
+/// reaches. It is wired as the real devices are (`Interrupt::fail_on_panic`).
+#[derive(Default)]
+struct Crasher {
+    worker: Option<crate::worker::Worker<Vec<Queue>>>,
+    activations: usize,
+}
+
+impl VirtioDevice for Crasher {
+    fn device_type(&self) -> u16 {
+        crate::device_id::RNG
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+    fn read_config(&self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.activations += 1;
+        let on_panic = a.interrupt.fail_on_panic("crasher");
+        let q = a.queues.into_iter().next().expect("one queue");
+        let worker = crate::worker::Worker::spawn("crasher".into(), on_panic, move |mut events| {
+            events
+                .add(std::os::unix::io::AsRawFd::as_raw_fd(&q.notify), 0, false)
+                .unwrap();
+            match events.wait() {
+                crate::worker::Wake::Ready(_) => panic!("a deliberate panic: chain 3"),
+                crate::worker::Wake::Stop => vec![q.queue],
+            }
+        })
+        .map_err(ActivateError::Thread)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+    fn pause(&mut self, _: Duration) -> Result<Vec<Queue>, PauseError> {
+        let w = self.worker.take().expect("active");
+        w.stop().ok_or(PauseError::ThreadDied)
+    }
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Stateless
+    }
+    fn restore_state(&mut self, _: &DeviceState) -> Result<(), DeviceStateError> {
+        Ok(())
+    }
+    fn metrics(&self) -> Arc<dyn crate::metrics::DeviceMetrics> {
+        crate::metrics::CounterSet::new(&[])
+    }
+}
+
+#[test]
+fn a_device_thread_that_panics_fails_its_device_and_nothing_else() {
+    let mem = memory();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    let vectors = Recorder::default();
+    let mut f = VirtioPci::new(
+        Box::new(Crasher::default()),
+        mem.clone(),
+        BAR,
+        Box::new(vectors.clone()),
+    )
+    .unwrap();
+    enable_msix(&mut f);
+    program_vector(&mut f, 0, 0xFEE0_0000, 0x41, false);
+    program_vector(&mut f, 1, 0xFEE0_1000, 0x42, false);
+    write(&mut f, COMMON + 0x10, 1, 2); // configuration changes on vector 1
+    negotiate(&mut f, FEATURES);
+    setup_queue(&mut f, 0, &vq, 0);
+    driver_ok(&mut f);
+    assert_eq!(status(&mut f), 0xF);
+
+    // The thread panics. The driver sees DEVICE_NEEDS_RESET and gets a configuration
+    // interrupt, instead of a device that went silent.
+    write(&mut f, NOTIFY, 0, 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&mut f) & status::NEEDS_RESET == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the device never reported its failure"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(status(&mut f), 0xF | status::NEEDS_RESET);
+    assert_eq!(vectors.triggers(1), 1, "one configuration interrupt");
+
+    // A snapshot's pause goes ahead (the function is saved as needing a reset) rather than
+    // waiting on a thread that is gone.
+    let started = Instant::now();
+    f.quiesce(QUIESCE).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let state = through_json(&f.save().unwrap());
+    assert!(state.needs_reset);
+    f.resume();
+
+    // The driver resets the device and brings it up again: it serves again (here, a new
+    // thread waiting for its next notification).
+    write(&mut f, COMMON + 0x14, 0, 1);
+    assert_eq!(status(&mut f), 0);
+    negotiate(&mut f, FEATURES);
+    setup_queue(&mut f, 0, &vq, 0);
+    driver_ok(&mut f);
+    assert_eq!(status(&mut f), 0xF);
+    assert!(f.is_running());
+}
