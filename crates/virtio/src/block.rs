@@ -1217,6 +1217,31 @@ impl InFlight {
     }
 }
 
+impl Drop for InFlight {
+    /// Every way out of the device loop drains the ring first, so as a rule nothing is in
+    /// flight by now. A panic unwinding through the loop skips that: the kernel would still
+    /// hold requests whose buffers are guest memory (and this struct's iovecs), and write
+    /// there after the device has failed, after the driver's reset, or while a snapshot
+    /// saves the memory. So wait for them here, as a stop does, finishing none toward the
+    /// driver: the device needs a reset by then.
+    fn drop(&mut self) {
+        while self.count > 0 {
+            if let Err(e) = self.uring.wait() {
+                tracing::error!("virtio-blk: {} requests left in flight: {e}", self.count);
+                return;
+            }
+            let (slots, count) = (&mut self.slots, &mut self.count);
+            self.uring.reap(|tag, _| {
+                if let Some(slot) = slots.get_mut(tag as usize) {
+                    if slot.take().is_some() {
+                        *count -= 1;
+                    }
+                }
+            });
+        }
+    }
+}
+
 /// Whether `file` lives in memory (tmpfs, ramfs), where a read never waits for a device.
 fn in_memory(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -1721,6 +1746,49 @@ mod tests {
         mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         assert_eq!(data, [1u8; 512]);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    }
+
+    #[test]
+    fn a_ring_dropped_with_requests_in_flight_waits_for_them() {
+        // What a panic unwinding through the device loop leaves behind: a read the kernel
+        // still holds. The "storage" is a pipe, so the read waits until the test writes.
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new descriptors into an array we own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors are new and owned by nothing else.
+        let (storage, mut answer) = unsafe {
+            use std::os::unix::io::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        let mut disk = Disk::on_file_for_tests(storage, 8);
+        let mem = memory();
+        let Some(mut f) = InFlight::new(&disk, "test") else {
+            eprintln!("skipped: this host refuses io_uring");
+            return;
+        };
+        let popped = write_request(&mem, T_IN, &[(DATA, 512, true)]);
+        assert_eq!(f.take(&mut disk, &mem, popped), Taken::Pending);
+        f.uring.submit().unwrap();
+
+        let delay = Duration::from_millis(300);
+        let storage_answers = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            std::io::Write::write_all(&mut answer, &[3u8; 512]).unwrap();
+        });
+        let started = std::time::Instant::now();
+        drop(f);
+        let waited = started.elapsed();
+        storage_answers.join().unwrap();
+        assert!(
+            waited >= delay - Duration::from_millis(50),
+            "dropped after {waited:?}"
+        );
+        // The read landed before the drop returned: nothing writes guest memory after it.
+        let mut data = [0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [3u8; 512]);
+        // Finishing it toward the driver is a reset's business, not the drop's.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xFF);
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub struct Activation {
 pub enum ActivateError {
     #[error("the driver enabled {got} queues, the device needs {want}")]
     QueueCount { got: usize, want: usize },
-    #[error("the device's backend is unavailable (a previous activation failed)")]
+    #[error("the device's backend is unavailable (a previous activation failed, or its thread panicked)")]
     BackendLost,
     #[error("starting the device thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -58,7 +58,13 @@ fn install_panic_restore() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            restore();
+            // Only the main thread's panic ends the process with the terminal still raw.
+            // Elsewhere a panic is contained (a device fails, a vCPU ends the VM through
+            // the usual exit path, which restores it), and the console must stay raw for
+            // the guest meanwhile: cooked, Ctrl-C would stop the VM.
+            if std::thread::current().name() == Some("main") {
+                restore();
+            }
             previous(info);
         }));
     });

@@ -1,6 +1,6 @@
 //! Argument parsing and the mapping from outcomes and errors to one line and an exit status.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::error::ErrorKind;
@@ -301,12 +301,15 @@ pub(crate) fn fail(message: impl std::fmt::Display, code: i32) -> i32 {
 fn install_panic_hook() {
     let full_report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if std::env::var_os("RUST_BACKTRACE").is_some() {
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
             return full_report(info);
         }
         let thread = std::thread::current();
         let at = info.location().map(|l| (l.file(), l.line()));
-        eprintln!("{}", panic_line(thread.name(), at, info.payload()));
+        // Not eprintln!: a write error (stderr a pipe nobody reads any more) would panic
+        // inside the hook, and a panic there aborts the whole process.
+        let line = panic_line(thread.name(), at, info.payload());
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
     }));
 }
 
@@ -325,7 +328,7 @@ fn panic_line(
         .map(|(file, line)| format!(" at {file}:{line}"))
         .unwrap_or_default();
     format!(
-        "vmon: internal error in thread '{}'{at}: {what} (a bug; please report it)",
+        "vmon: internal error: thread '{}' panicked{at}: {what} (a bug; please report it)",
         thread.unwrap_or("unnamed")
     )
 }
@@ -544,14 +547,14 @@ mod tests {
                 Some(("crates/virtio/src/block.rs", 42)),
                 formatted.as_ref()
             ),
-            "vmon: internal error in thread 'virtio-blk disk0' at crates/virtio/src/block.rs:42: \
-             chain 3 bad (a bug; please report it)"
+            "vmon: internal error: thread 'virtio-blk disk0' panicked at \
+             crates/virtio/src/block.rs:42: chain 3 bad (a bug; please report it)"
         );
         let literal: Box<dyn std::any::Any + Send> = Box::new("plain");
         let opaque: Box<dyn std::any::Any + Send> = Box::new(7u8);
         assert_eq!(
             panic_line(None, None, literal.as_ref()),
-            "vmon: internal error in thread 'unnamed': plain (a bug; please report it)"
+            "vmon: internal error: thread 'unnamed' panicked: plain (a bug; please report it)"
         );
         assert!(panic_line(None, None, opaque.as_ref()).contains(": (no message) ("));
     }
