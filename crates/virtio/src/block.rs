@@ -360,8 +360,7 @@ impl VirtioDevice for Block {
         let poll_max = disk.poll;
         let name = self.name.clone();
         let thread = format!("virtio-blk {}", self.name);
-        let on_panic = a.interrupt.fail_on_panic(&thread);
-        let worker = Worker::spawn(thread, on_panic, move |mut events| {
+        let worker = Worker::spawn_device(thread, a.interrupt.clone(), move |mut events| {
             let mem = &a.memory;
             let notify = q.notify.as_raw_fd();
             let mut in_flight = InFlight::new(&disk, &name);

@@ -68,19 +68,6 @@ impl Interrupt {
         }
     }
 
-    /// What a device thread does when it panics ([`crate::worker::Worker::spawn`]): the
-    /// device needs a reset, so the driver hears that it failed rather than waiting on it
-    /// for ever.
-    pub fn fail_on_panic(self: &Arc<Self>, device: &str) -> impl FnOnce(&str) + Send + 'static {
-        let interrupt = self.clone();
-        let device = device.to_string();
-        move |why| {
-            interrupt.fail_device(&format!(
-                "{device}: its thread panicked (a vmon bug): {why}"
-            ))
-        }
-    }
-
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::Acquire)
     }

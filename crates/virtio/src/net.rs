@@ -476,9 +476,10 @@ impl VirtioDevice for Net {
             rx_throttled: false,
         };
         let thread = format!("virtio-net {}", self.name);
-        let on_panic = runner.interrupt.fail_on_panic(&thread);
-        let worker = Worker::spawn(thread, on_panic, move |events| runner.run(events))
-            .map_err(ActivateError::Thread)?;
+        let worker = Worker::spawn_device(thread, runner.interrupt.clone(), move |events| {
+            runner.run(events)
+        })
+        .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         Ok(())
     }

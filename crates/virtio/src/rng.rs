@@ -70,10 +70,9 @@ impl VirtioDevice for Rng {
         }
         let mut q = a.queues.remove(0);
         let counters = self.counters.clone();
-        let on_panic = a.interrupt.fail_on_panic("virtio-rng");
-        let worker = Worker::spawn(
+        let worker = Worker::spawn_device(
             "virtio-rng".into(),
-            on_panic,
+            a.interrupt.clone(),
             move |mut events: EventLoop| {
                 let run = |events: &mut EventLoop, q: &mut crate::ActiveQueue| {
                     if let Err(e) = events.add(q.notify.as_raw_fd(), 0, false) {

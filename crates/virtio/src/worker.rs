@@ -25,6 +25,8 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::interrupt::Interrupt;
+
 /// What a device thread hands back when it stops: its backend, and its queues as it left
 /// them. Device loops look at the stop request only between passes over their queues, and
 /// every pass completes (or puts back) each chain it takes, so the queues' indices are
@@ -116,9 +118,9 @@ impl<B: Send + 'static> Worker<B> {
     /// the stop eventfd and returns its backend when the loop says to stop.
     ///
     /// A panic in `body` (a vmon bug a guest may have reached) ends this thread alone:
-    /// `on_panic` hears what it said, so that the device can tell its driver
-    /// ([`crate::interrupt::Interrupt::fail_on_panic`]) instead of going silent, and the
-    /// worker then stops as one whose thread died. The VMM and its other devices go on.
+    /// `on_panic` hears what it said (a device's thread tells its driver, see
+    /// [`Self::spawn_device`]), and the worker then stops as one whose thread died. The VMM
+    /// and its other devices go on.
     pub fn spawn(
         name: String,
         on_panic: impl FnOnce(&str) + Send + 'static,
@@ -142,6 +144,23 @@ impl<B: Send + 'static> Worker<B> {
             shared,
             handle: Some(handle),
         })
+    }
+
+    /// [`Self::spawn`] for a virtio device's thread: should it panic, the device needs a
+    /// reset (DEVICE_NEEDS_RESET and a configuration interrupt), so the driver hears that
+    /// it failed instead of waiting on it for ever.
+    pub fn spawn_device(
+        name: String,
+        interrupt: Arc<Interrupt>,
+        body: impl FnOnce(EventLoop) -> B + Send + 'static,
+    ) -> io::Result<Self> {
+        let device = name.clone();
+        let on_panic = move |why: &str| {
+            interrupt.fail_device(&format!(
+                "{device}: its thread panicked (a vmon bug): {why}"
+            ))
+        };
+        Self::spawn(name, on_panic, body)
     }
 
     /// Stops the thread, however long that takes, and returns its backend (None if the

@@ -285,22 +285,25 @@ impl VirtioDevice for Vsock {
             counters: self.counters.clone(),
         };
         tracing::debug!(cid, features, resumed, "virtio-vsock: activated");
-        let on_panic = ctx.interrupt.fail_on_panic("virtio-vsock");
-        let worker = Worker::spawn("virtio-vsock".into(), on_panic, move |mut events| {
-            let mut held = held;
-            let mut q = q;
-            let ended = serve(&mut held, &mut q, &ctx, &mut events);
-            if let Ended::Broken = ended {
-                // Keep the listening socket until the transport stops us, so a reset can
-                // reuse it; connections end now.
-                held.mux = Muxer::new(held.mux.into_backend(), cid);
-                events.idle_until_stop();
-            }
-            Parked {
-                backend: held,
-                queues: vec![q.rx.queue, q.tx.queue, q.event.queue],
-            }
-        });
+        let worker = Worker::spawn_device(
+            "virtio-vsock".into(),
+            ctx.interrupt.clone(),
+            move |mut events| {
+                let mut held = held;
+                let mut q = q;
+                let ended = serve(&mut held, &mut q, &ctx, &mut events);
+                if let Ended::Broken = ended {
+                    // Keep the listening socket until the transport stops us, so a reset can
+                    // reuse it; connections end now.
+                    held.mux = Muxer::new(held.mux.into_backend(), cid);
+                    events.idle_until_stop();
+                }
+                Parked {
+                    backend: held,
+                    queues: vec![q.rx.queue, q.tx.queue, q.event.queue],
+                }
+            },
+        );
         match worker {
             Ok(w) => {
                 self.worker = Some(w);

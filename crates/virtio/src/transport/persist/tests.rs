@@ -1063,7 +1063,7 @@ fn wait_taken(mem: &GuestMemory, vq: &Mock<'_>, n: u16) {
 }
 
 /// A device whose thread panics at its first notification: a stand-in for a bug a guest
-/// reaches. It is wired as the real devices are (`Interrupt::fail_on_panic`). It has no
+/// reaches. It starts its thread as the real devices do (`Worker::spawn_device`). It has no
 /// backend to lose, as rng has none; the others' backends go down with their thread.
 #[derive(Default)]
 struct Crasher {
@@ -1084,17 +1084,20 @@ impl VirtioDevice for Crasher {
         data.fill(0);
     }
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let on_panic = a.interrupt.fail_on_panic("crasher");
         let q = a.queues.into_iter().next().expect("one queue");
-        let worker = crate::worker::Worker::spawn("crasher".into(), on_panic, move |mut events| {
-            events
-                .add(std::os::unix::io::AsRawFd::as_raw_fd(&q.notify), 0, false)
-                .unwrap();
-            match events.wait() {
-                crate::worker::Wake::Ready(_) => panic!("a deliberate panic: chain 3"),
-                crate::worker::Wake::Stop => vec![q.queue],
-            }
-        })
+        let worker = crate::worker::Worker::spawn_device(
+            "crasher".into(),
+            a.interrupt,
+            move |mut events| {
+                events
+                    .add(std::os::unix::io::AsRawFd::as_raw_fd(&q.notify), 0, false)
+                    .unwrap();
+                match events.wait() {
+                    crate::worker::Wake::Ready(_) => panic!("a deliberate panic: chain 3"),
+                    crate::worker::Wake::Stop => vec![q.queue],
+                }
+            },
+        )
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         Ok(())
